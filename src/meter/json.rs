@@ -1,0 +1,125 @@
+//! Finding one JSON object inside bytes without decoding the rest: the `"usage": {…}` of a chunk
+//! or of the tail of a large body.
+
+use memchr::memmem;
+
+/// The byte range of the object value of the last `"<key>": {` in `bytes`, if complete.
+/// A `null` or non-object value is skipped. Strings and escapes are respected when matching braces.
+pub fn last_object_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> Option<std::ops::Range<usize>> {
+    let mut best = None;
+    for at in finder.find_iter(bytes) {
+        let mut i = at + finder.needle().len();
+        i = skip_ws(bytes, i);
+        if bytes.get(i) != Some(&b':') {
+            continue;
+        }
+        i = skip_ws(bytes, i + 1);
+        if bytes.get(i) != Some(&b'{') {
+            continue;
+        }
+        if let Some(end) = matching_brace(bytes, i) {
+            best = Some(i..end + 1);
+        }
+    }
+    best
+}
+
+/// Whether `bytes` contains `"<key>"` followed by `:` and an object (cheap pre-filter).
+pub fn has_object_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> bool {
+    finder.find_iter(bytes).any(|at| {
+        let i = skip_ws(bytes, at + finder.needle().len());
+        bytes.get(i) == Some(&b':') && bytes.get(skip_ws(bytes, i + 1)) == Some(&b'{')
+    })
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Index of the `}` closing the `{` at `open`, or `None` if the object is cut off.
+fn matching_brace(b: &[u8], open: usize) -> Option<usize> {
+    let mut depth = 0u32;
+    let mut in_str = false;
+    let mut i = open;
+    while i < b.len() {
+        let c = b[i];
+        if in_str {
+            match c {
+                b'\\' => i += 1,
+                b'"' => in_str = false,
+                _ => {}
+            }
+        } else {
+            match c {
+                b'"' => in_str = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1)?;
+                    if depth == 0 {
+                        return Some(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Length of the JSON string value of the first `"<key>":"…"` (escapes count as one byte),
+/// used to estimate streamed text. Cheap: no decoding.
+pub fn string_len_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> usize {
+    let mut total = 0;
+    for at in finder.find_iter(bytes) {
+        let mut i = skip_ws(bytes, at + finder.needle().len());
+        if bytes.get(i) != Some(&b':') {
+            continue;
+        }
+        i = skip_ws(bytes, i + 1);
+        if bytes.get(i) != Some(&b'"') {
+            continue;
+        }
+        i += 1;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => {
+                    i += 2;
+                    total += 1;
+                }
+                b'"' => break,
+                _ => {
+                    i += 1;
+                    total += 1;
+                }
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_last_complete_object() {
+        let f = memmem::Finder::new(b"\"usage\"");
+        let b = br#"{"usage":null,"x":"\"usage\": {no","usage" : {"a":{"b":"}"},"c":[1,{}]},"z":1}"#;
+        let r = last_object_after_key(b, &f).unwrap();
+        assert_eq!(&b[r], br#"{"a":{"b":"}"},"c":[1,{}]}"#);
+        assert!(has_object_after_key(b, &f));
+        assert!(!has_object_after_key(br#"{"usage":null}"#, &f));
+        assert_eq!(last_object_after_key(br#"{"usage":{"a":1"#, &f), None);
+    }
+
+    #[test]
+    fn measures_string_values() {
+        let f = memmem::Finder::new(b"\"content\"");
+        assert_eq!(string_len_after_key(br#"{"delta":{"content":"a\"bc"}}"#, &f), 4);
+        assert_eq!(string_len_after_key(br#"{"content":null}"#, &f), 0);
+    }
+}

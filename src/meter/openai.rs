@@ -1,0 +1,71 @@
+//! OpenAI-shaped usage: chat completions (streamed chunks and JSON bodies), and every server that
+//! speaks that dialect (Databricks serving endpoints, vLLM, TGI, Gemini's OpenAI endpoint).
+//!
+//! `prompt_tokens` includes `prompt_tokens_details.cached_tokens` and `completion_tokens`
+//! includes reasoning, so: `input = prompt − cached`, `cache_read = cached`, `output = completion`.
+
+use serde::Deserialize;
+
+use super::Usage;
+
+#[derive(Debug, Deserialize)]
+struct RawUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptDetails>,
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PromptDetails {
+    cached_tokens: Option<u64>,
+    /// Some compatible servers report cache writes here.
+    cache_write_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+/// Decodes an OpenAI `usage` object. `None` if it is not one (no token counts at all).
+pub fn decode_usage(object: &[u8]) -> Option<Usage> {
+    let raw: RawUsage = serde_json::from_slice(object).ok()?;
+    if raw.prompt_tokens.is_none() && raw.completion_tokens.is_none() {
+        return None;
+    }
+    let prompt = raw.prompt_tokens.unwrap_or(0);
+    let (cached, cache_write) = raw
+        .prompt_tokens_details
+        .map_or((0, 0), |d| (d.cached_tokens.unwrap_or(0), d.cache_write_tokens.unwrap_or(0)));
+    let cached = cached.min(prompt);
+    Some(Usage {
+        input: prompt - cached,
+        cache_read: cached,
+        cache_write: cache_write,
+        output: raw.completion_tokens.unwrap_or(0),
+        reasoning: raw.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_cached_and_reasoning_tokens() {
+        let u = decode_usage(
+            br#"{"prompt_tokens":1200,"completion_tokens":350,"total_tokens":1550,"prompt_tokens_details":{"cached_tokens":1024},"completion_tokens_details":{"reasoning_tokens":128}}"#,
+        )
+        .unwrap();
+        assert_eq!(u, Usage { input: 176, cache_read: 1024, cache_write: 0, output: 350, reasoning: 128 });
+        assert_eq!(u.total(), 1550);
+    }
+
+    #[test]
+    fn rejects_objects_without_counts() {
+        assert_eq!(decode_usage(br#"{"foo":1}"#), None);
+        assert_eq!(decode_usage(br#"{"prompt_tokens":"x"}"#), None);
+        assert_eq!(decode_usage(b"not json"), None);
+    }
+}

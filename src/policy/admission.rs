@@ -1,0 +1,538 @@
+//! Reserve, then settle: the arithmetic that keeps concurrent requests from all passing at the
+//! limit.
+//!
+//! [`Counters`] holds, per (budget, member) counter, the current window's bucket, the amount used
+//! (as last read from the store plus what this process settled since), the part of that not yet
+//! written to the store, and what in-flight requests have reserved. A request is admitted only if,
+//! on every matching enforced budget, `used + reserved + estimate ≤ limit`; it then reserves its
+//! estimate on all of them at once. At the end of the stream the reservation is released and the
+//! actual amount is added, in the window current at that moment.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+
+use super::budget::{Action, BudgetId, Principal, Unit};
+use super::money::TokenClasses;
+use super::window::Window;
+use super::{Policy, UnpricedModel};
+
+/// An amount in both units at once, so a budget can change unit without losing its history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    pub tokens: u64,
+    pub nanos: u64,
+}
+
+impl Amount {
+    pub fn in_unit(&self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Tokens => self.tokens,
+            Unit::Usd => self.nanos,
+        }
+    }
+
+    fn add(&mut self, o: Amount) {
+        self.tokens = self.tokens.saturating_add(o.tokens);
+        self.nanos = self.nanos.saturating_add(o.nanos);
+    }
+
+    fn sub(&mut self, o: Amount) {
+        self.tokens = self.tokens.saturating_sub(o.tokens);
+        self.nanos = self.nanos.saturating_sub(o.nanos);
+    }
+}
+
+/// One counter: a budget, and for per-member budgets the member (empty for a shared pool).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub budget: BudgetId,
+    pub member: Arc<str>,
+}
+
+/// An increment of one counter in one window, to be written to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterDelta {
+    pub key: CounterKey,
+    pub bucket: i64,
+    pub amount: Amount,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counter {
+    bucket: i64,
+    /// Store value at the last refresh plus `unflushed`.
+    used: Amount,
+    /// Settled here, not yet confirmed written to the store.
+    unflushed: Amount,
+    /// Held by requests in flight (carried across window rollover: they are still in flight).
+    reserved: Amount,
+}
+
+/// What the caller asks to spend: who, which model, and the estimate to reserve.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub principal: &'a Principal,
+    pub model: Option<&'a str>,
+    pub estimate: TokenClasses,
+}
+
+/// One budget's state as a decision saw it, in the budget's unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetStatus {
+    pub budget: BudgetId,
+    pub name: String,
+    pub window: Window,
+    pub action: Action,
+    pub unit: Unit,
+    pub limit: u64,
+    pub used: u64,
+    pub reserved: u64,
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+impl BudgetStatus {
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.used.saturating_add(self.reserved))
+    }
+
+    /// Whole seconds until the window resets, rounded up; `None` for lifetime budgets.
+    pub fn reset_after(&self, now: DateTime<Utc>) -> Option<u64> {
+        self.resets_at.map(|t| {
+            let ms = (t - now).num_milliseconds().max(0) as u64;
+            ms.div_ceil(1000)
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// Used + in flight + this request's estimate exceeds the limit.
+    Exhausted,
+    /// This request's estimate alone exceeds the limit: it can never be admitted.
+    NeverFits,
+    /// A USD budget applies and the model has no price.
+    ModelNotPriced,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub status: BudgetStatus,
+    pub reason: DenyReason,
+    /// The request's estimate in the budget's unit.
+    pub requested: u64,
+}
+
+/// The held part of an admission, released at settlement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reservation {
+    pub entries: Vec<Held>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub key: CounterKey,
+    pub window: Window,
+    pub amount: Amount,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Allowed {
+        reservation: Reservation,
+        /// The enforced budget with the least headroom left, for the response headers.
+        binding: Option<BudgetStatus>,
+        /// Shadow budgets that would have denied this request.
+        shadow: Vec<Denial>,
+    },
+    Denied {
+        denial: Denial,
+        shadow: Vec<Denial>,
+    },
+}
+
+/// Every counter this process knows, current window only.
+#[derive(Debug, Default)]
+pub struct Counters {
+    map: HashMap<CounterKey, Counter>,
+}
+
+impl Counters {
+    /// The counter for `key`, rolled over to `bucket` if that is newer. Returns the effective bucket.
+    fn at(&mut self, key: &CounterKey, bucket: i64) -> (&mut Counter, i64) {
+        let c = self
+            .map
+            .entry(key.clone())
+            .or_insert_with(|| Counter { bucket, ..Counter::default() });
+        if bucket > c.bucket {
+            c.bucket = bucket;
+            c.used = Amount::default();
+            c.unflushed = Amount::default();
+        }
+        let effective = c.bucket;
+        (c, effective)
+    }
+
+    /// Decides and, when allowed, reserves — atomically with respect to other calls on `self`.
+    pub fn admit(&mut self, policy: &Policy, ask: &Ask<'_>, now: DateTime<Utc>) -> Admission {
+        let matched = policy.matching(ask.principal, ask.model);
+        let mut shadow = Vec::new();
+        if matched.is_empty() {
+            return Admission::Allowed { reservation: Reservation::default(), binding: None, shadow };
+        }
+        let price = ask.model.and_then(|m| policy.prices.at(m, now.timestamp_millis()));
+        let estimate = Amount {
+            tokens: ask.estimate.total().0,
+            nanos: price.map_or(0, |p| p.cost(&ask.estimate).0),
+        };
+        let unpriced = ask.model.is_some() && price.is_none() && policy.unpriced == UnpricedModel::Deny;
+
+        let mut denials = Vec::new();
+        let mut plan = Vec::with_capacity(matched.len());
+        for (budget, member) in matched {
+            let bounds = budget.window.bounds(now, policy.tz);
+            let key = CounterKey { budget: budget.id.clone(), member };
+            let (c, _) = self.at(&key, bounds.bucket());
+            let unit = budget.limit.unit();
+            let status = BudgetStatus {
+                budget: budget.id.clone(),
+                name: budget.name.clone(),
+                window: budget.window,
+                action: budget.action,
+                unit,
+                limit: budget.limit.value(),
+                used: c.used.in_unit(unit),
+                reserved: c.reserved.in_unit(unit),
+                resets_at: bounds.end,
+            };
+            let want = estimate.in_unit(unit);
+            let reason = if unit == Unit::Usd && unpriced {
+                Some(DenyReason::ModelNotPriced)
+            } else if want > status.limit {
+                Some(DenyReason::NeverFits)
+            } else if status.used.saturating_add(status.reserved).saturating_add(want) > status.limit {
+                Some(DenyReason::Exhausted)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let d = Denial { status: status.clone(), reason, requested: want };
+                match budget.action {
+                    Action::Enforce => denials.push(d),
+                    Action::Shadow => shadow.push(d),
+                }
+            }
+            plan.push((key, budget.window, status, want));
+        }
+
+        if let Some(denial) = pick_binding_denial(denials) {
+            return Admission::Denied { denial, shadow };
+        }
+
+        let mut entries = Vec::with_capacity(plan.len());
+        let mut binding: Option<BudgetStatus> = None;
+        for (key, window, mut status, want) in plan {
+            if let Some(c) = self.map.get_mut(&key) {
+                c.reserved.add(estimate);
+            }
+            status.reserved = status.reserved.saturating_add(want);
+            if status.action == Action::Enforce && tighter(&status, binding.as_ref()) {
+                binding = Some(status);
+            }
+            entries.push(Held { key, window, amount: estimate });
+        }
+        Admission::Allowed { reservation: Reservation { entries }, binding, shadow }
+    }
+
+    /// Releases `r` and adds `actual` to each of its counters in the window current at `now`.
+    /// Returns the increments the store must record.
+    pub fn settle(
+        &mut self,
+        r: &Reservation,
+        actual: Amount,
+        now: DateTime<Utc>,
+        tz: Tz,
+    ) -> Vec<CounterDelta> {
+        let mut deltas = Vec::with_capacity(r.entries.len());
+        for held in &r.entries {
+            let (c, bucket) = self.at(&held.key, held.window.bounds(now, tz).bucket());
+            c.reserved.sub(held.amount);
+            c.used.add(actual);
+            c.unflushed.add(actual);
+            deltas.push(CounterDelta { key: held.key.clone(), bucket, amount: actual });
+        }
+        deltas
+    }
+
+    /// Releases `r` without charging anything (the upstream failed before producing usage).
+    pub fn release(&mut self, r: &Reservation) {
+        for held in &r.entries {
+            if let Some(c) = self.map.get_mut(&held.key) {
+                c.reserved.sub(held.amount);
+            }
+        }
+    }
+
+    /// The store has durably recorded `deltas`.
+    pub fn mark_flushed(&mut self, deltas: &[CounterDelta]) {
+        for d in deltas {
+            if let Some(c) = self.map.get_mut(&d.key) {
+                if c.bucket == d.bucket {
+                    c.unflushed.sub(d.amount);
+                }
+            }
+        }
+    }
+
+    /// Replaces used amounts with what the store holds (plus what is not flushed yet) for the
+    /// current bucket of each budget in `current`, and forgets idle counters of deleted budgets.
+    /// `rows` must hold every stored counter of those buckets; a missing row means zero.
+    pub fn refresh(&mut self, current: &HashMap<BudgetId, i64>, rows: Vec<(CounterKey, i64, Amount)>) {
+        let mut stored: HashMap<CounterKey, Amount> = HashMap::with_capacity(rows.len());
+        for (key, bucket, amount) in rows {
+            if current.get(&key.budget) == Some(&bucket) {
+                stored.insert(key, amount);
+            }
+        }
+        self.map.retain(|key, c| current.contains_key(&key.budget) || c.reserved != Amount::default());
+        for (key, c) in self.map.iter_mut() {
+            let Some(&bucket) = current.get(&key.budget) else { continue };
+            if bucket > c.bucket {
+                c.bucket = bucket;
+                c.unflushed = Amount::default();
+            }
+            if c.bucket == bucket {
+                let mut used = stored.remove(key).unwrap_or_default();
+                used.add(c.unflushed);
+                c.used = used;
+            }
+        }
+        for (key, amount) in stored {
+            let bucket = current.get(&key.budget).copied().unwrap_or_default();
+            self.map.insert(key, Counter { bucket, used: amount, ..Counter::default() });
+        }
+    }
+
+    /// Current status of one counter, for reports and the dry-run check (no reservation made).
+    pub fn peek(&mut self, key: &CounterKey, bucket: i64) -> (Amount, Amount) {
+        let (c, _) = self.at(key, bucket);
+        (c.used, c.reserved)
+    }
+}
+
+/// True when `s` has proportionally less headroom than `than`.
+fn tighter(s: &BudgetStatus, than: Option<&BudgetStatus>) -> bool {
+    let Some(t) = than else { return true };
+    // s.remaining / s.limit < t.remaining / t.limit, without division.
+    u128::from(s.remaining()) * u128::from(t.limit.max(1))
+        < u128::from(t.remaining()) * u128::from(s.limit.max(1))
+}
+
+/// The denial to report: an unpriced model first (the fix is a price), then a request that can
+/// never fit, then the exhausted budget that frees last (so retrying after its reset can succeed).
+fn pick_binding_denial(denials: Vec<Denial>) -> Option<Denial> {
+    let rank = |d: &Denial| match d.reason {
+        DenyReason::ModelNotPriced => 2,
+        DenyReason::NeverFits => 1,
+        DenyReason::Exhausted => 0,
+    };
+    denials.into_iter().max_by(|a, b| {
+        rank(a).cmp(&rank(b)).then_with(|| match (a.status.resets_at, b.status.resets_at) {
+            (None, None) => std::cmp::Ordering::Equal,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (Some(x), Some(y)) => x.cmp(&y),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::budget::tests::budget;
+    use crate::policy::budget::{Limit, Scope, SubjectKind};
+    use crate::policy::money::{NanoUsd, Price, Tokens};
+    use crate::policy::window::WindowUnit;
+    use crate::policy::{Budget, PriceBook};
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z").unwrap().with_timezone(&Utc)
+    }
+
+    fn policy(budgets: Vec<Budget>) -> Policy {
+        let mut prices = PriceBook::default();
+        prices.insert(
+            "gpt-4o-mini",
+            0,
+            Price {
+                input: "0.15".parse().unwrap(),
+                output: "0.60".parse().unwrap(),
+                cache_read: "0.075".parse().unwrap(),
+                cache_write: NanoUsd(0),
+            },
+        );
+        Policy::new(budgets, prices, chrono_tz::UTC, UnpricedModel::Deny)
+    }
+
+    fn ask<'a>(p: &'a Principal, model: &'a str, input: u64, output: u64) -> Ask<'a> {
+        Ask {
+            principal: p,
+            model: Some(model),
+            estimate: TokenClasses { input, output, ..Default::default() },
+        }
+    }
+
+    fn tokens(n: u64) -> Amount {
+        Amount { tokens: n, nanos: 0 }
+    }
+
+    #[test]
+    fn reservations_stop_concurrent_requests_at_the_limit() {
+        let p = policy(vec![budget("alice", SubjectKind::User, "alice", Limit::Tokens(Tokens(1000)))]);
+        let alice = Principal::user("alice");
+        let mut c = Counters::default();
+        let mut held = Vec::new();
+        // Each request reserves 10 + 90 = 100 tokens; ten fit, the eleventh does not.
+        for i in 0..10 {
+            match c.admit(&p, &ask(&alice, "m", 10, 90), now()) {
+                Admission::Allowed { reservation, binding, .. } => {
+                    assert_eq!(binding.unwrap().remaining(), 1000 - 100 * (i + 1));
+                    held.push(reservation);
+                }
+                other => panic!("request {i} denied: {other:?}"),
+            }
+        }
+        let Admission::Denied { denial, .. } = c.admit(&p, &ask(&alice, "m", 10, 90), now()) else {
+            panic!("11th admitted")
+        };
+        assert_eq!(denial.reason, DenyReason::Exhausted);
+        assert_eq!((denial.status.used, denial.status.reserved), (0, 1000));
+        // Settling one at its actual 40 tokens frees 60.
+        let deltas = c.settle(&held.pop().unwrap(), tokens(40), now(), chrono_tz::UTC);
+        assert_eq!(deltas.len(), 1);
+        assert_eq!(deltas[0].amount, tokens(40));
+        assert!(matches!(c.admit(&p, &ask(&alice, "m", 10, 50), now()), Admission::Allowed { .. }));
+    }
+
+    #[test]
+    fn a_request_larger_than_the_limit_never_fits() {
+        let p = policy(vec![budget("a", SubjectKind::User, "alice", Limit::Tokens(Tokens(100)))]);
+        let alice = Principal::user("alice");
+        let Admission::Denied { denial, .. } = Counters::default().admit(&p, &ask(&alice, "m", 1, 100), now())
+        else {
+            panic!()
+        };
+        assert_eq!(denial.reason, DenyReason::NeverFits);
+    }
+
+    #[test]
+    fn denies_when_group_pool_is_spent_but_not_per_member() {
+        let shared = budget("pool", SubjectKind::Group, "ml", Limit::Tokens(Tokens(100)));
+        let mut each = budget("each", SubjectKind::Group, "ml", Limit::Tokens(Tokens(100)));
+        each.scope = Scope::PerMember;
+        let alice = Principal::user("alice").with_groups(["ml"]);
+        let bob = Principal::user("bob").with_groups(["ml"]);
+        let mut c = Counters::default();
+
+        let p = policy(vec![shared]);
+        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 50, 30), now()) else {
+            panic!()
+        };
+        c.settle(&reservation, tokens(80), now(), chrono_tz::UTC);
+        assert!(matches!(c.admit(&p, &ask(&bob, "m", 10, 20), now()), Admission::Denied { .. }));
+
+        let p = policy(vec![each]);
+        let mut c = Counters::default();
+        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 50, 30), now()) else {
+            panic!()
+        };
+        c.settle(&reservation, tokens(80), now(), chrono_tz::UTC);
+        assert!(matches!(c.admit(&p, &ask(&bob, "m", 10, 20), now()), Admission::Allowed { .. }));
+        assert!(matches!(c.admit(&p, &ask(&alice, "m", 10, 20), now()), Admission::Denied { .. }));
+    }
+
+    #[test]
+    fn usd_budgets_price_the_estimate_and_deny_unpriced_models() {
+        let b = budget("usd", SubjectKind::User, "alice", Limit::Usd("0.001".parse().unwrap()));
+        let p = policy(vec![b]);
+        let alice = Principal::user("alice");
+        let mut c = Counters::default();
+        // 1000 in + 1000 out at $0.15/$0.60 per M = $0.00075: fits under $0.001.
+        let Admission::Allowed { binding, .. } = c.admit(&p, &ask(&alice, "gpt-4o-mini", 1000, 1000), now())
+        else {
+            panic!()
+        };
+        assert_eq!(binding.unwrap().reserved, 750_000);
+        let Admission::Denied { denial, .. } = c.admit(&p, &ask(&alice, "gpt-4o-mini", 1000, 1000), now())
+        else {
+            panic!()
+        };
+        assert_eq!(denial.reason, DenyReason::Exhausted);
+        let Admission::Denied { denial, .. } = c.admit(&p, &ask(&alice, "mystery", 1, 1), now()) else {
+            panic!()
+        };
+        assert_eq!(denial.reason, DenyReason::ModelNotPriced);
+    }
+
+    #[test]
+    fn shadow_budgets_report_but_allow() {
+        let mut b = budget("watch", SubjectKind::Everyone, "", Limit::Tokens(Tokens(5)));
+        b.action = Action::Shadow;
+        let p = policy(vec![b]);
+        let alice = Principal::user("alice");
+        let Admission::Allowed { shadow, binding, .. } =
+            Counters::default().admit(&p, &ask(&alice, "m", 10, 10), now())
+        else {
+            panic!()
+        };
+        assert_eq!(shadow.len(), 1);
+        assert_eq!(binding, None);
+    }
+
+    #[test]
+    fn a_new_window_starts_empty_and_keeps_in_flight_reservations() {
+        let mut b = budget("hourly", SubjectKind::User, "alice", Limit::Tokens(Tokens(100)));
+        b.window = Window::Calendar { unit: WindowUnit::Hour, every: 1 };
+        let p = policy(vec![b]);
+        let alice = Principal::user("alice");
+        let mut c = Counters::default();
+        let Admission::Allowed { reservation: r1, .. } = c.admit(&p, &ask(&alice, "m", 10, 20), now()) else {
+            panic!()
+        };
+        c.settle(&r1, tokens(70), now(), chrono_tz::UTC);
+        let Admission::Allowed { reservation: r2, .. } = c.admit(&p, &ask(&alice, "m", 10, 20), now()) else {
+            panic!()
+        };
+        assert!(matches!(c.admit(&p, &ask(&alice, "m", 1, 1), now()), Admission::Denied { .. }));
+        let later = now() + chrono::Duration::hours(1);
+        let Admission::Allowed { binding, .. } = c.admit(&p, &ask(&alice, "m", 10, 20), later) else {
+            panic!()
+        };
+        // r2 (30) is still in flight across the boundary; the settled 70 belonged to the old hour.
+        assert_eq!(binding.unwrap().remaining(), 100 - 30 - 30);
+        let deltas = c.settle(&r2, tokens(5), later, chrono_tz::UTC);
+        assert_eq!(deltas[0].bucket, later.timestamp() - later.timestamp() % 3600);
+    }
+
+    #[test]
+    fn refresh_keeps_unflushed_amounts() {
+        let p = policy(vec![budget("a", SubjectKind::User, "alice", Limit::Tokens(Tokens(1000)))]);
+        let alice = Principal::user("alice");
+        let mut c = Counters::default();
+        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 1, 9), now()) else {
+            panic!()
+        };
+        let deltas = c.settle(&reservation, tokens(10), now(), chrono_tz::UTC);
+        let key = deltas[0].key.clone();
+        let bucket = deltas[0].bucket;
+        let current = HashMap::from([(key.budget.clone(), bucket)]);
+        // Another replica wrote 500; ours (10) is not flushed yet.
+        c.refresh(&current, vec![(key.clone(), bucket, tokens(500))]);
+        assert_eq!(c.peek(&key, bucket).0, tokens(510));
+        c.mark_flushed(&deltas);
+        c.refresh(&current, vec![(key.clone(), bucket, tokens(510))]);
+        assert_eq!(c.peek(&key, bucket).0, tokens(510));
+    }
+}

@@ -1,0 +1,124 @@
+//! PURE. The budget model, windows, money, prices and the admission arithmetic.
+//!
+//! Nothing here does IO, awaits, or reads the clock: callers pass `now`. This is where the rules
+//! live and where most tests go.
+//!
+//! **Invariant:** an admission either reserves its estimate on *every* matching budget or on none.
+//! **Boundary:** imports nothing from the rest of the crate.
+
+pub mod admission;
+pub mod budget;
+pub mod money;
+pub mod window;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono_tz::Tz;
+
+pub use admission::{Admission, Amount, CounterDelta, CounterKey, Counters, Denial, DenyReason};
+pub use budget::{
+    Action, Budget, BudgetId, Limit, ModelSet, Principal, PrincipalKind, Scope, Subject,
+    SubjectKind, Unit,
+};
+pub use money::{NanoUsd, Price, TokenClasses, Tokens};
+pub use window::{Window, WindowUnit};
+
+/// Prices per model with their `effective_from` instants, so a change never re-rates the past.
+#[derive(Debug, Clone, Default)]
+pub struct PriceBook {
+    /// Per model, sorted by `effective_from` (epoch milliseconds), ascending.
+    by_model: HashMap<String, Vec<(i64, Price)>>,
+}
+
+impl PriceBook {
+    pub fn insert(&mut self, model: &str, effective_from_ms: i64, price: Price) {
+        let v = self.by_model.entry(model.to_owned()).or_default();
+        match v.binary_search_by_key(&effective_from_ms, |(t, _)| *t) {
+            Ok(i) => v[i].1 = price,
+            Err(i) => v.insert(i, (effective_from_ms, price)),
+        }
+    }
+
+    /// The price in force for `model` at `at_ms`.
+    pub fn at(&self, model: &str, at_ms: i64) -> Option<Price> {
+        let v = self.by_model.get(model)?;
+        let idx = v.partition_point(|(t, _)| *t <= at_ms);
+        idx.checked_sub(1).map(|i| v[i].1)
+    }
+}
+
+/// What to do with a model that has no price when a USD budget applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnpricedModel {
+    /// Deny with a message that says the model has no price (the default).
+    Deny,
+    /// Allow; the request counts against token budgets and costs nothing against USD budgets.
+    Allow,
+}
+
+/// A consistent snapshot of everything admission needs to know, swapped atomically on change.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub budgets: Arc<[Budget]>,
+    pub prices: PriceBook,
+    pub tz: Tz,
+    pub unpriced: UnpricedModel,
+}
+
+impl Policy {
+    pub fn new(budgets: Vec<Budget>, prices: PriceBook, tz: Tz, unpriced: UnpricedModel) -> Self {
+        Policy { budgets: budgets.into(), prices, tz, unpriced }
+    }
+
+    /// Budgets that apply to `p` calling `model`, with their member keys. When an override budget
+    /// matches the principal, only override budgets are returned.
+    pub fn matching<'a>(
+        &'a self,
+        p: &Principal,
+        model: Option<&str>,
+    ) -> Vec<(&'a Budget, Arc<str>)> {
+        let mut hits: Vec<(&Budget, Arc<str>)> =
+            self.budgets.iter().filter_map(|b| b.applies_to(p, model).map(|k| (b, k))).collect();
+        if hits.iter().any(|(b, _)| b.is_override) {
+            hits.retain(|(b, _)| b.is_override);
+        }
+        hits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::budget::tests::budget;
+
+    #[test]
+    fn price_book_picks_the_price_in_force() {
+        let mut book = PriceBook::default();
+        let p1 = Price { input: NanoUsd(1), ..Default::default() };
+        let p2 = Price { input: NanoUsd(2), ..Default::default() };
+        book.insert("m", 1_000, p1);
+        book.insert("m", 2_000, p2);
+        assert_eq!(book.at("m", 999), None);
+        assert_eq!(book.at("m", 1_000), Some(p1));
+        assert_eq!(book.at("m", 1_999), Some(p1));
+        assert_eq!(book.at("m", 5_000), Some(p2));
+        assert_eq!(book.at("other", 5_000), None);
+    }
+
+    #[test]
+    fn override_budgets_replace_the_rest_for_that_principal() {
+        let mut power = budget("power", SubjectKind::User, "alice", Limit::Tokens(Tokens(9)));
+        power.is_override = true;
+        let team = budget("team", SubjectKind::Group, "ml", Limit::Tokens(Tokens(1)));
+        let policy =
+            Policy::new(vec![power, team], PriceBook::default(), chrono_tz::UTC, UnpricedModel::Deny);
+        let alice = Principal::user("alice").with_groups(["ml"]);
+        let bob = Principal::user("bob").with_groups(["ml"]);
+        let names = |p: &Principal| -> Vec<String> {
+            policy.matching(p, Some("x")).iter().map(|(b, _)| b.name.clone()).collect()
+        };
+        assert_eq!(names(&alice), vec!["power"]);
+        assert_eq!(names(&bob), vec!["team"]);
+    }
+}

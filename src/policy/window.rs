@@ -1,0 +1,240 @@
+//! Budget windows: calendar periods in a configured time zone, or the whole lifetime (`total`).
+//!
+//! A window is computed on read from the instant and the zone: there is no reset job. Hours start on
+//! the hour, days at local midnight, weeks on Monday, months on the 1st; `every: N` groups N units,
+//! aligned to a fixed origin (local hour 0 for hours, 1970-01-01 for days, Monday 1970-01-05 for
+//! weeks, January 1970 for months) so every replica computes the same boundaries.
+//! A local boundary that does not exist (a DST gap) starts at the first instant after it.
+
+use std::fmt;
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowUnit {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+impl WindowUnit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowUnit::Hour => "hour",
+            WindowUnit::Day => "day",
+            WindowUnit::Week => "week",
+            WindowUnit::Month => "month",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WindowUnit> {
+        Some(match s {
+            "hour" => WindowUnit::Hour,
+            "day" => WindowUnit::Day,
+            "week" => WindowUnit::Week,
+            "month" => WindowUnit::Month,
+            _ => return None,
+        })
+    }
+}
+
+/// The period a budget's limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// `every` consecutive calendar units, aligned as the module doc says.
+    Calendar { unit: WindowUnit, every: u32 },
+    /// Never resets.
+    Total,
+}
+
+/// Where the window containing an instant begins and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub start: DateTime<Utc>,
+    /// `None` for [`Window::Total`].
+    pub end: Option<DateTime<Utc>>,
+}
+
+impl Bounds {
+    /// The key of this window in the store's counters: its start in epoch seconds (0 for total).
+    pub fn bucket(&self) -> i64 {
+        self.start.timestamp()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("window.every must be at least 1")]
+    ZeroEvery,
+    #[error("window.every for hour windows must divide 24 (1, 2, 3, 4, 6, 8, 12, 24), got {0}")]
+    HoursNotDividingDay(u32),
+    #[error("window.every is too large: {0}")]
+    TooLarge(u32),
+}
+
+impl Window {
+    pub fn validate(&self) -> Result<(), WindowError> {
+        if let Window::Calendar { unit, every } = *self {
+            if every == 0 {
+                return Err(WindowError::ZeroEvery);
+            }
+            if unit == WindowUnit::Hour && 24 % every != 0 {
+                return Err(WindowError::HoursNotDividingDay(every));
+            }
+            if every > 10_000 {
+                return Err(WindowError::TooLarge(every));
+            }
+        }
+        Ok(())
+    }
+
+    /// The window that contains `now`, in zone `tz`.
+    pub fn bounds(&self, now: DateTime<Utc>, tz: Tz) -> Bounds {
+        let (unit, every) = match *self {
+            Window::Total => return Bounds { start: DateTime::<Utc>::UNIX_EPOCH, end: None },
+            Window::Calendar { unit, every } => (unit, i64::from(every.max(1))),
+        };
+        let local = now.with_timezone(&tz).naive_local();
+        let (start, end) = match unit {
+            WindowUnit::Hour => {
+                let h = i64::from(local.hour());
+                let h0 = h - h.rem_euclid(every);
+                let start = local.date().and_time(chrono::NaiveTime::MIN) + Duration::hours(h0);
+                (start, start + Duration::hours(every))
+            }
+            WindowUnit::Day => {
+                let d = days_since_epoch(local.date());
+                let d0 = d - d.rem_euclid(every);
+                (midnight(d0), midnight(d0 + every))
+            }
+            WindowUnit::Week => {
+                // 1970-01-05 is a Monday, four days after the epoch.
+                let weeks = (days_since_epoch(local.date()) - 4).div_euclid(7);
+                let w0 = weeks - weeks.rem_euclid(every);
+                (midnight(4 + w0 * 7), midnight(4 + (w0 + every) * 7))
+            }
+            WindowUnit::Month => {
+                let m = i64::from(local.year()) * 12 + i64::from(local.month0());
+                let m0 = m - m.rem_euclid(every);
+                (first_of_month(m0), first_of_month(m0 + every))
+            }
+        };
+        Bounds { start: to_utc(start, tz), end: Some(to_utc(end, tz)) }
+    }
+
+    /// Nominal length in seconds, for the IETF `RateLimit-Policy` `w` parameter.
+    pub fn nominal_seconds(&self) -> Option<u64> {
+        match *self {
+            Window::Total => None,
+            Window::Calendar { unit, every } => {
+                let unit_s = match unit {
+                    WindowUnit::Hour => 3_600,
+                    WindowUnit::Day => 86_400,
+                    WindowUnit::Week => 604_800,
+                    WindowUnit::Month => 2_592_000,
+                };
+                Some(unit_s * u64::from(every))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Window::Total => f.write_str("total"),
+            Window::Calendar { unit, every: 1 } => f.write_str(unit.as_str()),
+            Window::Calendar { unit, every } => write!(f, "{every} {}s", unit.as_str()),
+        }
+    }
+}
+
+fn epoch_date() -> NaiveDate {
+    NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()
+}
+
+fn days_since_epoch(d: NaiveDate) -> i64 {
+    (d - epoch_date()).num_days()
+}
+
+fn midnight(days: i64) -> NaiveDateTime {
+    (epoch_date() + Duration::days(days)).and_time(chrono::NaiveTime::MIN)
+}
+
+fn first_of_month(month_index: i64) -> NaiveDateTime {
+    let year = month_index.div_euclid(12) as i32;
+    let month = month_index.rem_euclid(12) as u32 + 1;
+    NaiveDate::from_ymd_opt(year, month, 1)
+        .unwrap_or_default()
+        .and_time(chrono::NaiveTime::MIN)
+}
+
+/// Local wall time → instant. Ambiguous (DST fold): the earlier instant. Nonexistent (DST gap):
+/// the first valid instant after it, found by stepping in minutes (gaps are at most a few hours).
+fn to_utc(local: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
+    let mut probe = local;
+    for _ in 0..(24 * 60) {
+        if let Some(t) = tz.from_local_datetime(&probe).earliest() {
+            return t.with_timezone(&Utc);
+        }
+        probe += Duration::minutes(1);
+    }
+    local.and_utc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn check(window: Window, tz: Tz, now: &str, start: &str, end: Option<&str>) {
+        let b = window.bounds(at(now), tz);
+        assert_eq!(b.start, at(start), "start of {window} at {now} in {tz}");
+        assert_eq!(b.end, end.map(at), "end of {window} at {now} in {tz}");
+    }
+
+    const fn cal(unit: WindowUnit, every: u32) -> Window {
+        Window::Calendar { unit, every }
+    }
+
+    #[test]
+    fn calendar_windows_in_utc() {
+        use WindowUnit::*;
+        let utc = chrono_tz::UTC;
+        check(cal(Hour, 1), utc, "2026-03-04T10:59:59Z", "2026-03-04T10:00:00Z", Some("2026-03-04T11:00:00Z"));
+        check(cal(Hour, 6), utc, "2026-03-04T13:00:00Z", "2026-03-04T12:00:00Z", Some("2026-03-04T18:00:00Z"));
+        check(cal(Day, 1), utc, "2026-03-04T00:00:00Z", "2026-03-04T00:00:00Z", Some("2026-03-05T00:00:00Z"));
+        // 2026-11-30 is a Monday.
+        check(cal(Week, 1), utc, "2026-12-03T17:00:00Z", "2026-11-30T00:00:00Z", Some("2026-12-07T00:00:00Z"));
+        check(cal(Week, 1), utc, "2026-11-30T00:00:00Z", "2026-11-30T00:00:00Z", Some("2026-12-07T00:00:00Z"));
+        check(cal(Month, 1), utc, "2026-12-31T23:59:59Z", "2026-12-01T00:00:00Z", Some("2027-01-01T00:00:00Z"));
+        check(cal(Month, 1), utc, "2028-02-29T12:00:00Z", "2028-02-01T00:00:00Z", Some("2028-03-01T00:00:00Z"));
+        check(cal(Month, 3), utc, "2026-05-15T00:00:00Z", "2026-04-01T00:00:00Z", Some("2026-07-01T00:00:00Z"));
+        check(Window::Total, utc, "2026-05-15T00:00:00Z", "1970-01-01T00:00:00Z", None);
+    }
+
+    #[test]
+    fn calendar_windows_follow_the_zone() {
+        use WindowUnit::*;
+        let ny = chrono_tz::America::New_York;
+        // 2026-03-08 02:00 local does not exist (spring forward): that day is 23 hours long.
+        check(cal(Day, 1), ny, "2026-03-08T12:00:00Z", "2026-03-08T05:00:00Z", Some("2026-03-09T04:00:00Z"));
+        check(cal(Month, 1), ny, "2026-12-01T03:00:00Z", "2026-11-01T04:00:00Z", Some("2026-12-01T05:00:00Z"));
+        let kolkata = chrono_tz::Asia::Kolkata;
+        check(cal(Hour, 1), kolkata, "2026-01-01T00:10:00Z", "2025-12-31T23:30:00Z", Some("2026-01-01T00:30:00Z"));
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert_eq!(cal(WindowUnit::Day, 0).validate(), Err(WindowError::ZeroEvery));
+        assert_eq!(cal(WindowUnit::Hour, 5).validate(), Err(WindowError::HoursNotDividingDay(5)));
+        assert!(cal(WindowUnit::Hour, 12).validate().is_ok());
+    }
+}
