@@ -9,3 +9,6 @@
 pub mod clock;
 pub mod meter;
 pub mod policy;
+pub mod store;
+#[doc(hidden)]
+pub mod testkit;

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod budget;
 pub mod money;
+pub mod prices;
 pub mod window;
 
 use std::collections::HashMap;
@@ -16,7 +17,10 @@ use std::sync::Arc;
 
 use chrono_tz::Tz;
 
-pub use admission::{Admission, Amount, CounterDelta, CounterKey, Counters, Denial, DenyReason};
+pub use admission::{
+    Admission, Amount, Ask, BudgetStatus, CounterDelta, CounterKey, Counters, Denial, DenyReason,
+    Held, Reservation,
+};
 pub use budget::{
     Action, Budget, BudgetId, Limit, ModelSet, Principal, PrincipalKind, Scope, Subject,
     SubjectKind, Unit,

@@ -1,0 +1,208 @@
+//! The store contract: one list of behaviours, run against Postgres and SQLite alike, each test on
+//! a fresh database. Postgres must be reachable (see `testkit`): these tests fail, never skip.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::policy::{Budget, BudgetId, Limit, ModelSet, Scope, Subject, SubjectKind, Tokens};
+use crate::testkit::TestDb;
+
+enum Fixture {
+    Pg(#[allow(dead_code)] TestDb),
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+}
+
+async fn postgres() -> (Store, Fixture) {
+    let db = TestDb::create().await.expect("test Postgres");
+    let store = Store::open(&StoreTarget::Postgres { url: db.url.clone(), pool_size: 4 }).await.unwrap();
+    store.migrate(0).await.unwrap();
+    (store, Fixture::Pg(db))
+}
+
+async fn sqlite() -> (Store, Fixture) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreTarget::Sqlite { path: dir.path().join("tb.db") }).await.unwrap();
+    store.migrate(0).await.unwrap();
+    (store, Fixture::Sqlite(dir))
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod on_postgres {
+            $(#[tokio::test] async fn $name() { let (s, _f) = super::postgres().await; super::$name(s).await; })*
+        }
+        mod on_sqlite {
+            $(#[tokio::test] async fn $name() { let (s, _f) = super::sqlite().await; super::$name(s).await; })*
+        }
+    };
+}
+
+contract!(
+    migrate_is_idempotent_and_seeds_prices,
+    budgets_round_trip_and_names_are_unique,
+    a_batch_is_applied_once_per_event,
+    rollups_sum_per_hour_principal_and_model,
+    deny_events_are_recorded,
+    prices_keep_their_history,
+);
+
+fn budget(name: &str) -> Budget {
+    Budget {
+        id: BudgetId(Arc::from(format!("id-{name}"))),
+        name: name.into(),
+        subject: Subject { kind: SubjectKind::Group, name: "ml".into() },
+        scope: Scope::PerMember,
+        models: ModelSet::only(["gpt-4o", "gpt-4o-mini"]),
+        limit: Limit::Tokens(Tokens(1000)),
+        window: Window::Calendar { unit: WindowUnit::Month, every: 1 },
+        action: Action::Enforce,
+        is_override: false,
+        enabled: true,
+    }
+}
+
+fn debit(event_id: &str, ts_ms: i64, principal: &str, tokens: u64, deltas: Vec<CounterDelta>) -> Debit {
+    Debit {
+        event: UsageEvent {
+            event_id: event_id.into(),
+            request_id: format!("req-{event_id}"),
+            ts_ms,
+            principal: principal.into(),
+            model: "gpt-4o".into(),
+            family: "openai".into(),
+            input: tokens / 2,
+            cache_read: 0,
+            cache_write: 0,
+            output: tokens - tokens / 2,
+            reasoning: 0,
+            cost: NanoUsd(tokens * 10),
+            estimated: false,
+            outcome: "complete".into(),
+        },
+        deltas,
+    }
+}
+
+fn key(budget: &str, member: &str) -> CounterKey {
+    CounterKey { budget: BudgetId(Arc::from(budget)), member: Arc::from(member) }
+}
+
+async fn migrate_is_idempotent_and_seeds_prices(s: Store) {
+    s.migrate(0).await.unwrap();
+    let prices = s.list_prices().await.unwrap();
+    assert!(prices.iter().any(|p| p.model == "gpt-4o-mini"));
+    let n = prices.len();
+    s.migrate(0).await.unwrap();
+    assert_eq!(s.list_prices().await.unwrap().len(), n);
+}
+
+async fn budgets_round_trip_and_names_are_unique(s: Store) {
+    let v0 = s.policy_version().await.unwrap();
+    let mut usd = budget("usd");
+    usd.limit = Limit::Usd(NanoUsd(500_000_000_000));
+    usd.models = ModelSet::All;
+    usd.window = Window::Total;
+    usd.subject = Subject { kind: SubjectKind::Everyone, name: String::new() };
+    usd.scope = Scope::Shared;
+    s.create_budget(&budget("b"), 1).await.unwrap();
+    s.create_budget(&usd, 1).await.unwrap();
+    assert_eq!(s.list_budgets().await.unwrap(), vec![budget("b"), usd]);
+    assert!(s.policy_version().await.unwrap() > v0);
+
+    let dup = Budget { id: BudgetId(Arc::from("other")), ..budget("b") };
+    match s.create_budget(&dup, 2).await {
+        Err(StoreError::Conflict(msg)) => assert!(msg.contains("\"b\""), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    s.delete_budget("b").await.unwrap();
+    assert_eq!(s.list_budgets().await.unwrap().len(), 1);
+    assert!(matches!(s.delete_budget("b").await, Err(StoreError::NotFound(_))));
+}
+
+async fn a_batch_is_applied_once_per_event(s: Store) {
+    let amount = |t| Amount { tokens: t, nanos: t * 10 };
+    let delta = |member: &str, t| CounterDelta { key: key("B", member), bucket: 100, amount: amount(t) };
+    let batch = Batch {
+        debits: vec![
+            debit("e1", 1_000, "user:a", 30, vec![delta("", 30), delta("user:a", 30)]),
+            debit("e2", 2_000, "user:b", 50, vec![delta("", 50)]),
+        ],
+        denies: vec![],
+    };
+    assert_eq!(s.write_batch(&batch).await.unwrap(), BatchOutcome { inserted: 2, duplicates: 0 });
+    // A replay (journal, retry after a lost commit ack) changes nothing.
+    let mut replay = batch.clone();
+    replay.debits.push(debit("e3", 3_000, "user:a", 7, vec![delta("", 7)]));
+    assert_eq!(s.write_batch(&replay).await.unwrap(), BatchOutcome { inserted: 1, duplicates: 2 });
+
+    assert_eq!(s.counter(&key("B", ""), 100).await.unwrap(), amount(87));
+    assert_eq!(s.counter(&key("B", "user:a"), 100).await.unwrap(), amount(30));
+    assert_eq!(s.counter(&key("B", ""), 200).await.unwrap(), Amount::default());
+    let mut loaded = s.load_counters(&[(BudgetId(Arc::from("B")), 100)]).await.unwrap();
+    loaded.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(loaded, vec![(key("B", ""), 100, amount(87)), (key("B", "user:a"), 100, amount(30))]);
+
+    let events = s.usage_events(None, 10).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e2", "e3"]);
+    assert_eq!(events[0], batch.debits[0].event);
+    let one = s.usage_events(Some("req-e2"), 10).await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].tokens(), 50);
+}
+
+async fn rollups_sum_per_hour_principal_and_model(s: Store) {
+    let hour = 3_600_000;
+    let batch = Batch {
+        debits: vec![
+            debit("a", 10 * hour + 1, "user:a", 10, vec![]),
+            debit("b", 10 * hour + 2, "user:a", 20, vec![]),
+            debit("c", 11 * hour, "user:b", 5, vec![]),
+        ],
+        denies: vec![],
+    };
+    s.write_batch(&batch).await.unwrap();
+    s.write_batch(&batch).await.unwrap();
+    let all = s.usage_since(0).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            UsageTotal { principal: "user:a".into(), model: "gpt-4o".into(), requests: 2, tokens: 30, cost: NanoUsd(300) },
+            UsageTotal { principal: "user:b".into(), model: "gpt-4o".into(), requests: 1, tokens: 5, cost: NanoUsd(50) },
+        ]
+    );
+    assert_eq!(s.usage_since(11 * hour).await.unwrap().len(), 1);
+}
+
+async fn deny_events_are_recorded(s: Store) {
+    let deny = DenyEvent {
+        event_id: "d1".into(),
+        request_id: "r1".into(),
+        ts_ms: 5,
+        principal: "user:a".into(),
+        model: "gpt-4o".into(),
+        budget_name: "alice daily".into(),
+        reason: "exhausted".into(),
+        unit: "tokens".into(),
+        used: 990,
+        limit: 1000,
+    };
+    let batch = Batch { debits: vec![], denies: vec![deny.clone()] };
+    s.write_batch(&batch).await.unwrap();
+    s.write_batch(&batch).await.unwrap();
+    assert_eq!(s.deny_events(10).await.unwrap(), vec![deny]);
+}
+
+async fn prices_keep_their_history(s: Store) {
+    let p = |n| Price { input: NanoUsd(n), output: NanoUsd(2 * n), cache_read: NanoUsd(n / 2), cache_write: NanoUsd(n) };
+    s.set_price(&PriceRow { model: "m".into(), effective_from_ms: 100, price: p(10) }).await.unwrap();
+    s.set_price(&PriceRow { model: "m".into(), effective_from_ms: 200, price: p(20) }).await.unwrap();
+    s.set_price(&PriceRow { model: "m".into(), effective_from_ms: 200, price: p(30) }).await.unwrap();
+    let m: Vec<PriceRow> = s.list_prices().await.unwrap().into_iter().filter(|r| r.model == "m").collect();
+    assert_eq!(
+        m,
+        vec![
+            PriceRow { model: "m".into(), effective_from_ms: 100, price: p(10) },
+            PriceRow { model: "m".into(), effective_from_ms: 200, price: p(30) },
+        ]
+    );
+}

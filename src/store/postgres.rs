@@ -1,0 +1,454 @@
+//! Postgres backend (deadpool-postgres + tokio-postgres). Uses only portable SQL: UNNEST arrays for
+//! multi-row statements, `ON CONFLICT`, no extensions, no advisory locks — so managed Postgres,
+//! Lakebase and CockroachDB/YugabyteDB work too.
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use super::{
+    Aggregates, Amount, Batch, BatchOutcome, BudgetRow, DenyEvent, PolicyRows, PriceRow, Result,
+    StoreError, UsageEvent, UsageTotal, to_i64, to_u64,
+};
+use crate::policy::{BudgetId, CounterKey, NanoUsd, Price};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres_0001_init.sql"))];
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        if db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION {
+            return StoreError::Conflict(db.message().to_string());
+        }
+        return StoreError::Unavailable(format!("{}: {}", db.code().code(), db.message()));
+    }
+    StoreError::Unavailable(e.to_string())
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
+        let cfg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid database URL: {e}")))?;
+        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(mgr)
+            .max_size(pool_size.max(1))
+            .wait_timeout(Some(std::time::Duration::from_secs(5)))
+            .create_timeout(Some(std::time::Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(unavailable)?;
+        // Fail fast on a wrong URL or a down server.
+        drop(pool.get().await.map_err(unavailable)?);
+        Ok(PgStore { pool })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        let mut c = self.client().await?;
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS tb_schema (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(db_err)?;
+        for (version, sql) in MIGRATIONS {
+            let tx = c.transaction().await.map_err(db_err)?;
+            let applied = tx
+                .query_opt("SELECT version FROM tb_schema WHERE version = $1", &[version])
+                .await
+                .map_err(db_err)?;
+            if applied.is_some() {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO tb_schema (version, applied_at_ms) VALUES ($1, 0) ON CONFLICT (version) DO NOTHING",
+                &[version],
+            )
+            .await
+            .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    pub async fn policy_version(&self) -> Result<i64> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT version FROM tb_policy_version WHERE id = 1", &[])
+            .await
+            .map_err(db_err)?;
+        Ok(row.get(0))
+    }
+
+    pub async fn load_policy(&self) -> Result<PolicyRows> {
+        let mut c = self.client().await?;
+        // One snapshot: the version and the rows it describes.
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db_err)?;
+        let version: i64 = tx
+            .query_one("SELECT version FROM tb_policy_version WHERE id = 1", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let rows = tx
+            .query(
+                "SELECT id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
+                 window_unit, window_every, action, is_override, enabled FROM tb_budgets ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        let mut budgets = Vec::with_capacity(rows.len());
+        for r in rows {
+            budgets.push(
+                BudgetRow {
+                    id: r.get(0),
+                    name: r.get(1),
+                    subject_kind: r.get(2),
+                    subject_name: r.get(3),
+                    scope: r.get(4),
+                    models: r.get(5),
+                    limit_unit: r.get(6),
+                    limit_value: r.get(7),
+                    window_unit: r.get(8),
+                    window_every: i64::from(r.get::<_, i32>(9)),
+                    action: r.get(10),
+                    is_override: r.get(11),
+                    enabled: r.get(12),
+                }
+                .into_budget()?,
+            );
+        }
+        let prices = tx
+            .query(
+                "SELECT model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos \
+                 FROM tb_prices ORDER BY model, effective_from_ms",
+                &[],
+            )
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(|r| PriceRow {
+                model: r.get(0),
+                effective_from_ms: r.get(1),
+                price: Price {
+                    input: NanoUsd(to_u64(r.get(2))),
+                    output: NanoUsd(to_u64(r.get(3))),
+                    cache_read: NanoUsd(to_u64(r.get(4))),
+                    cache_write: NanoUsd(to_u64(r.get(5))),
+                },
+            })
+            .collect();
+        tx.commit().await.map_err(db_err)?;
+        Ok(PolicyRows { version, budgets, prices })
+    }
+
+    pub async fn load_counters(&self, windows: &[(BudgetId, i64)]) -> Result<Vec<(CounterKey, i64, Amount)>> {
+        let c = self.client().await?;
+        let ids: Vec<&str> = windows.iter().map(|(b, _)| &*b.0).collect();
+        let buckets: Vec<i64> = windows.iter().map(|(_, s)| *s).collect();
+        let rows = c
+            .query(
+                "SELECT w.budget_id, w.member, w.bucket_start, w.tokens, w.cost_nanos \
+                 FROM tb_window_counters w \
+                 JOIN UNNEST($1::text[], $2::int8[]) AS q(budget_id, bucket_start) \
+                   ON w.budget_id = q.budget_id AND w.bucket_start = q.bucket_start",
+                &[&ids, &buckets],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                let member: String = r.get(1);
+                (
+                    CounterKey { budget: BudgetId(id.into()), member: member.into() },
+                    r.get(2),
+                    Amount { tokens: to_u64(r.get(3)), nanos: to_u64(r.get(4)) },
+                )
+            })
+            .collect())
+    }
+
+    pub async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let mut outcome = BatchOutcome::default();
+
+        if !batch.debits.is_empty() {
+            let ev: Vec<&UsageEvent> = batch.debits.iter().map(|d| &d.event).collect();
+            let col_s = |f: fn(&UsageEvent) -> &str| ev.iter().map(|e| f(e)).collect::<Vec<&str>>();
+            let col_i = |f: fn(&UsageEvent) -> i64| ev.iter().map(|e| f(e)).collect::<Vec<i64>>();
+            let ids = col_s(|e| &e.event_id);
+            let inserted = tx
+                .query(
+                    "INSERT INTO tb_usage_events (event_id, request_id, ts_ms, principal, model, family, \
+                       input_tokens, cache_read_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
+                       cost_nanos, estimated, outcome) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], \
+                       $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[]) \
+                     ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+                    &[
+                        &ids,
+                        &col_s(|e| &e.request_id),
+                        &col_i(|e| e.ts_ms),
+                        &col_s(|e| &e.principal),
+                        &col_s(|e| &e.model),
+                        &col_s(|e| &e.family),
+                        &col_i(|e| to_i64(e.input)),
+                        &col_i(|e| to_i64(e.cache_read)),
+                        &col_i(|e| to_i64(e.cache_write)),
+                        &col_i(|e| to_i64(e.output)),
+                        &col_i(|e| to_i64(e.reasoning)),
+                        &col_i(|e| to_i64(e.cost.0)),
+                        &ev.iter().map(|e| e.estimated).collect::<Vec<bool>>(),
+                        &col_s(|e| &e.outcome),
+                    ],
+                )
+                .await
+                .map_err(db_err)?;
+            let new: std::collections::HashSet<String> = inserted.into_iter().map(|r| r.get(0)).collect();
+            outcome.inserted = new.len();
+            outcome.duplicates = batch.debits.len() - new.len();
+            let agg = Aggregates::of(batch.debits.iter().filter(|d| new.contains(&d.event.event_id)));
+
+            if !agg.counters.is_empty() {
+                let (mut b, mut s, mut m, mut t, mut n) = (vec![], vec![], vec![], vec![], vec![]);
+                for ((budget, bucket, member), a) in &agg.counters {
+                    b.push(budget.as_str());
+                    s.push(*bucket);
+                    m.push(member.as_str());
+                    t.push(to_i64(a.tokens));
+                    n.push(to_i64(a.nanos));
+                }
+                tx.execute(
+                    "INSERT INTO tb_window_counters (budget_id, bucket_start, member, tokens, cost_nanos) \
+                     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[]) \
+                     ON CONFLICT (budget_id, bucket_start, member) DO UPDATE SET \
+                       tokens = tb_window_counters.tokens + EXCLUDED.tokens, \
+                       cost_nanos = tb_window_counters.cost_nanos + EXCLUDED.cost_nanos",
+                    &[&b, &s, &m, &t, &n],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+            if !agg.hourly.is_empty() {
+                let (mut h, mut p, mut m, mut r, mut t, mut n) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+                for ((hour, principal, model), (req, tok, nanos)) in &agg.hourly {
+                    h.push(*hour);
+                    p.push(principal.as_str());
+                    m.push(model.as_str());
+                    r.push(to_i64(*req));
+                    t.push(to_i64(*tok));
+                    n.push(to_i64(*nanos));
+                }
+                tx.execute(
+                    "INSERT INTO tb_usage_hourly (hour_start, principal, model, requests, tokens, cost_nanos) \
+                     SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) \
+                     ON CONFLICT (hour_start, principal, model) DO UPDATE SET \
+                       requests = tb_usage_hourly.requests + EXCLUDED.requests, \
+                       tokens = tb_usage_hourly.tokens + EXCLUDED.tokens, \
+                       cost_nanos = tb_usage_hourly.cost_nanos + EXCLUDED.cost_nanos",
+                    &[&h, &p, &m, &r, &t, &n],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+        }
+
+        if !batch.denies.is_empty() {
+            let d = &batch.denies;
+            let s = |f: fn(&DenyEvent) -> &str| d.iter().map(|e| f(e)).collect::<Vec<&str>>();
+            let i = |f: fn(&DenyEvent) -> i64| d.iter().map(|e| f(e)).collect::<Vec<i64>>();
+            tx.execute(
+                "INSERT INTO tb_deny_events (event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
+                 ON CONFLICT (event_id) DO NOTHING",
+                &[
+                    &s(|e| &e.event_id),
+                    &s(|e| &e.request_id),
+                    &i(|e| e.ts_ms),
+                    &s(|e| &e.principal),
+                    &s(|e| &e.model),
+                    &s(|e| &e.budget_name),
+                    &s(|e| &e.reason),
+                    &s(|e| &e.unit),
+                    &i(|e| to_i64(e.used)),
+                    &i(|e| to_i64(e.limit)),
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(outcome)
+    }
+
+    pub async fn create_budget(&self, b: &crate::policy::Budget, now_ms: i64) -> Result<()> {
+        let r = BudgetRow::from_budget(b);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO tb_budgets (id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
+               window_unit, window_every, action, is_override, enabled, created_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+            &[
+                &r.id, &r.name, &r.subject_kind, &r.subject_name, &r.scope, &r.models, &r.limit_unit,
+                &r.limit_value, &r.window_unit, &(r.window_every as i32), &r.action, &r.is_override,
+                &r.enabled, &now_ms,
+            ],
+        )
+        .await
+        .map_err(|e| match db_err(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("a budget named {:?} already exists", r.name)),
+            other => other,
+        })?;
+        bump_version(&tx).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    pub async fn delete_budget(&self, name: &str) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let n = tx.execute("DELETE FROM tb_budgets WHERE name = $1", &[&name]).await.map_err(db_err)?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("budget {name:?}")));
+        }
+        bump_version(&tx).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    pub async fn set_price(&self, row: &PriceRow) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let p = &row.price;
+        tx.execute(
+            "INSERT INTO tb_prices (model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (model, effective_from_ms) DO UPDATE SET input_nanos = EXCLUDED.input_nanos, \
+               output_nanos = EXCLUDED.output_nanos, cache_read_nanos = EXCLUDED.cache_read_nanos, \
+               cache_write_nanos = EXCLUDED.cache_write_nanos",
+            &[
+                &row.model,
+                &row.effective_from_ms,
+                &to_i64(p.input.0),
+                &to_i64(p.output.0),
+                &to_i64(p.cache_read.0),
+                &to_i64(p.cache_write.0),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        bump_version(&tx).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    pub async fn usage_since(&self, since_ms: i64) -> Result<Vec<UsageTotal>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT principal, model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 \
+                 FROM tb_usage_hourly WHERE hour_start >= $1 GROUP BY principal, model \
+                 ORDER BY 4 DESC, 1, 2",
+                &[&since_ms.div_euclid(3_600_000).saturating_mul(3_600)],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UsageTotal {
+                principal: r.get(0),
+                model: r.get(1),
+                requests: to_u64(r.get(2)),
+                tokens: to_u64(r.get(3)),
+                cost: NanoUsd(to_u64(r.get(4))),
+            })
+            .collect())
+    }
+
+    pub async fn usage_events(&self, request_id: Option<&str>, limit: i64) -> Result<Vec<UsageEvent>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
+                   cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome \
+                 FROM (SELECT * FROM tb_usage_events WHERE ($1::text IS NULL OR request_id = $1) \
+                       ORDER BY ts_ms DESC, event_id DESC LIMIT $2) e ORDER BY ts_ms, event_id",
+                &[&request_id, &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UsageEvent {
+                event_id: r.get(0),
+                request_id: r.get(1),
+                ts_ms: r.get(2),
+                principal: r.get(3),
+                model: r.get(4),
+                family: r.get(5),
+                input: to_u64(r.get(6)),
+                cache_read: to_u64(r.get(7)),
+                cache_write: to_u64(r.get(8)),
+                output: to_u64(r.get(9)),
+                reasoning: to_u64(r.get(10)),
+                cost: NanoUsd(to_u64(r.get(11))),
+                estimated: r.get(12),
+                outcome: r.get(13),
+            })
+            .collect())
+    }
+
+    pub async fn deny_events(&self, limit: i64) -> Result<Vec<DenyEvent>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
+                 FROM (SELECT * FROM tb_deny_events ORDER BY ts_ms DESC, event_id DESC LIMIT $1) d \
+                 ORDER BY ts_ms, event_id",
+                &[&limit],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DenyEvent {
+                event_id: r.get(0),
+                request_id: r.get(1),
+                ts_ms: r.get(2),
+                principal: r.get(3),
+                model: r.get(4),
+                budget_name: r.get(5),
+                reason: r.get(6),
+                unit: r.get(7),
+                used: to_u64(r.get(8)),
+                limit: to_u64(r.get(9)),
+            })
+            .collect())
+    }
+}
+
+async fn bump_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<()> {
+    tx.execute("UPDATE tb_policy_version SET version = version + 1 WHERE id = 1", &[])
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}

@@ -1,0 +1,447 @@
+//! Embedded SQLite backend: one file, one connection, WAL journal. Each call runs on tokio's
+//! blocking pool, so no async task ever waits on SQLite's file locks.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    Aggregates, Amount, Batch, BatchOutcome, BudgetRow, DenyEvent, PolicyRows, PriceRow, Result,
+    StoreError, UsageEvent, UsageTotal, to_i64, to_u64,
+};
+use crate::policy::{Budget, BudgetId, CounterKey, NanoUsd, Price};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/sqlite_0001_init.sql"))];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(f, msg) = &e {
+        if f.code == rusqlite::ErrorCode::ConstraintViolation {
+            return StoreError::Conflict(msg.clone().unwrap_or_else(|| e.to_string()));
+        }
+    }
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        let path = path.to_owned();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let conn = Connection::open(&path)
+                .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(db_err)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| StoreError::Unavailable("sqlite connection poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        self.with(|c| {
+            c.execute_batch(
+                "CREATE TABLE IF NOT EXISTS tb_schema (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+            )
+            .map_err(db_err)?;
+            for (version, sql) in MIGRATIONS {
+                let tx = c.transaction().map_err(db_err)?;
+                let applied: Option<i64> = tx
+                    .query_row("SELECT version FROM tb_schema WHERE version = ?1", [version], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)?;
+                if applied.is_none() {
+                    tx.execute_batch(sql).map_err(db_err)?;
+                    tx.execute("INSERT INTO tb_schema (version, applied_at_ms) VALUES (?1, 0)", [version])
+                        .map_err(db_err)?;
+                }
+                tx.commit().map_err(db_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn policy_version(&self) -> Result<i64> {
+        self.with(|c| {
+            c.query_row("SELECT version FROM tb_policy_version WHERE id = 1", [], |r| r.get(0))
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn load_policy(&self) -> Result<PolicyRows> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let version: i64 = tx
+                .query_row("SELECT version FROM tb_policy_version WHERE id = 1", [], |r| r.get(0))
+                .map_err(db_err)?;
+            let mut budgets = Vec::new();
+            {
+                let mut st = tx
+                    .prepare(
+                        "SELECT id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
+                         window_unit, window_every, action, is_override, enabled FROM tb_budgets ORDER BY name",
+                    )
+                    .map_err(db_err)?;
+                let rows = st
+                    .query_map([], |r| {
+                        Ok(BudgetRow {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                            subject_kind: r.get(2)?,
+                            subject_name: r.get(3)?,
+                            scope: r.get(4)?,
+                            models: r.get(5)?,
+                            limit_unit: r.get(6)?,
+                            limit_value: r.get(7)?,
+                            window_unit: r.get(8)?,
+                            window_every: r.get(9)?,
+                            action: r.get(10)?,
+                            is_override: r.get(11)?,
+                            enabled: r.get(12)?,
+                        })
+                    })
+                    .map_err(db_err)?;
+                for row in rows {
+                    budgets.push(row.map_err(db_err)?.into_budget()?);
+                }
+            }
+            let mut prices = Vec::new();
+            {
+                let mut st = tx
+                    .prepare(
+                        "SELECT model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos \
+                         FROM tb_prices ORDER BY model, effective_from_ms",
+                    )
+                    .map_err(db_err)?;
+                let rows = st
+                    .query_map([], |r| {
+                        Ok(PriceRow {
+                            model: r.get(0)?,
+                            effective_from_ms: r.get(1)?,
+                            price: Price {
+                                input: NanoUsd(to_u64(r.get(2)?)),
+                                output: NanoUsd(to_u64(r.get(3)?)),
+                                cache_read: NanoUsd(to_u64(r.get(4)?)),
+                                cache_write: NanoUsd(to_u64(r.get(5)?)),
+                            },
+                        })
+                    })
+                    .map_err(db_err)?;
+                for row in rows {
+                    prices.push(row.map_err(db_err)?);
+                }
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(PolicyRows { version, budgets, prices })
+        })
+        .await
+    }
+
+    pub async fn load_counters(&self, windows: &[(BudgetId, i64)]) -> Result<Vec<(CounterKey, i64, Amount)>> {
+        let windows = windows.to_vec();
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT member, tokens, cost_nanos FROM tb_window_counters WHERE budget_id = ?1 AND bucket_start = ?2",
+                )
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for (budget, bucket) in windows {
+                let rows = st
+                    .query_map(params![&*budget.0, bucket], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    })
+                    .map_err(db_err)?;
+                for row in rows {
+                    let (member, tokens, nanos) = row.map_err(db_err)?;
+                    out.push((
+                        CounterKey { budget: budget.clone(), member: member.into() },
+                        bucket,
+                        Amount { tokens: to_u64(tokens), nanos: to_u64(nanos) },
+                    ));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome> {
+        let batch = batch.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let mut outcome = BatchOutcome::default();
+            let mut new = Vec::with_capacity(batch.debits.len());
+            {
+                let mut ins = tx
+                    .prepare_cached(
+                        "INSERT INTO tb_usage_events (event_id, request_id, ts_ms, principal, model, family, \
+                           input_tokens, cache_read_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
+                           cost_nanos, estimated, outcome) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                         ON CONFLICT (event_id) DO NOTHING",
+                    )
+                    .map_err(db_err)?;
+                for d in &batch.debits {
+                    let e = &d.event;
+                    let n = ins
+                        .execute(params![
+                            e.event_id,
+                            e.request_id,
+                            e.ts_ms,
+                            e.principal,
+                            e.model,
+                            e.family,
+                            to_i64(e.input),
+                            to_i64(e.cache_read),
+                            to_i64(e.cache_write),
+                            to_i64(e.output),
+                            to_i64(e.reasoning),
+                            to_i64(e.cost.0),
+                            e.estimated,
+                            e.outcome,
+                        ])
+                        .map_err(db_err)?;
+                    if n == 1 {
+                        new.push(d);
+                        outcome.inserted += 1;
+                    } else {
+                        outcome.duplicates += 1;
+                    }
+                }
+                let agg = Aggregates::of(new.into_iter());
+                let mut up = tx
+                    .prepare_cached(
+                        "INSERT INTO tb_window_counters (budget_id, bucket_start, member, tokens, cost_nanos) \
+                         VALUES (?1, ?2, ?3, ?4, ?5) \
+                         ON CONFLICT (budget_id, bucket_start, member) DO UPDATE SET \
+                           tokens = tokens + excluded.tokens, cost_nanos = cost_nanos + excluded.cost_nanos",
+                    )
+                    .map_err(db_err)?;
+                for ((budget, bucket, member), a) in &agg.counters {
+                    up.execute(params![budget, bucket, member, to_i64(a.tokens), to_i64(a.nanos)])
+                        .map_err(db_err)?;
+                }
+                let mut hr = tx
+                    .prepare_cached(
+                        "INSERT INTO tb_usage_hourly (hour_start, principal, model, requests, tokens, cost_nanos) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                         ON CONFLICT (hour_start, principal, model) DO UPDATE SET \
+                           requests = requests + excluded.requests, tokens = tokens + excluded.tokens, \
+                           cost_nanos = cost_nanos + excluded.cost_nanos",
+                    )
+                    .map_err(db_err)?;
+                for ((hour, principal, model), (req, tok, nanos)) in &agg.hourly {
+                    hr.execute(params![hour, principal, model, to_i64(*req), to_i64(*tok), to_i64(*nanos)])
+                        .map_err(db_err)?;
+                }
+                let mut den = tx
+                    .prepare_cached(
+                        "INSERT INTO tb_deny_events (event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (event_id) DO NOTHING",
+                    )
+                    .map_err(db_err)?;
+                for d in &batch.denies {
+                    den.execute(params![
+                        d.event_id,
+                        d.request_id,
+                        d.ts_ms,
+                        d.principal,
+                        d.model,
+                        d.budget_name,
+                        d.reason,
+                        d.unit,
+                        to_i64(d.used),
+                        to_i64(d.limit)
+                    ])
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    pub async fn create_budget(&self, b: &Budget, now_ms: i64) -> Result<()> {
+        let r = BudgetRow::from_budget(b);
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO tb_budgets (id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
+                   window_unit, window_every, action, is_override, enabled, created_at_ms, updated_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+                params![
+                    r.id, r.name, r.subject_kind, r.subject_name, r.scope, r.models, r.limit_unit, r.limit_value,
+                    r.window_unit, r.window_every, r.action, r.is_override, r.enabled, now_ms
+                ],
+            )
+            .map_err(|e| match db_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("a budget named {:?} already exists", r.name)),
+                other => other,
+            })?;
+            bump_version(&tx)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn delete_budget(&self, name: &str) -> Result<()> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let n = tx.execute("DELETE FROM tb_budgets WHERE name = ?1", [&name]).map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("budget {name:?}")));
+            }
+            bump_version(&tx)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn set_price(&self, row: &PriceRow) -> Result<()> {
+        let row = row.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let p = row.price;
+            tx.execute(
+                "INSERT INTO tb_prices (model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (model, effective_from_ms) DO UPDATE SET input_nanos = excluded.input_nanos, \
+                   output_nanos = excluded.output_nanos, cache_read_nanos = excluded.cache_read_nanos, \
+                   cache_write_nanos = excluded.cache_write_nanos",
+                params![
+                    row.model,
+                    row.effective_from_ms,
+                    to_i64(p.input.0),
+                    to_i64(p.output.0),
+                    to_i64(p.cache_read.0),
+                    to_i64(p.cache_write.0)
+                ],
+            )
+            .map_err(db_err)?;
+            bump_version(&tx)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn usage_since(&self, since_ms: i64) -> Result<Vec<UsageTotal>> {
+        let since_hour = since_ms.div_euclid(3_600_000).saturating_mul(3_600);
+        self.with(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT principal, model, SUM(requests), SUM(tokens), SUM(cost_nanos) FROM tb_usage_hourly \
+                     WHERE hour_start >= ?1 GROUP BY principal, model ORDER BY 4 DESC, 1, 2",
+                )
+                .map_err(db_err)?;
+            let rows = st
+                .query_map([since_hour], |r| {
+                    Ok(UsageTotal {
+                        principal: r.get(0)?,
+                        model: r.get(1)?,
+                        requests: to_u64(r.get(2)?),
+                        tokens: to_u64(r.get(3)?),
+                        cost: NanoUsd(to_u64(r.get(4)?)),
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn usage_events(&self, request_id: Option<&str>, limit: i64) -> Result<Vec<UsageEvent>> {
+        let request_id = request_id.map(str::to_owned);
+        self.with(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
+                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome \
+                     FROM (SELECT * FROM tb_usage_events WHERE (?1 IS NULL OR request_id = ?1) \
+                           ORDER BY ts_ms DESC, event_id DESC LIMIT ?2) ORDER BY ts_ms, event_id",
+                )
+                .map_err(db_err)?;
+            let rows = st
+                .query_map(params![request_id, limit], |r| {
+                    Ok(UsageEvent {
+                        event_id: r.get(0)?,
+                        request_id: r.get(1)?,
+                        ts_ms: r.get(2)?,
+                        principal: r.get(3)?,
+                        model: r.get(4)?,
+                        family: r.get(5)?,
+                        input: to_u64(r.get(6)?),
+                        cache_read: to_u64(r.get(7)?),
+                        cache_write: to_u64(r.get(8)?),
+                        output: to_u64(r.get(9)?),
+                        reasoning: to_u64(r.get(10)?),
+                        cost: NanoUsd(to_u64(r.get(11)?)),
+                        estimated: r.get(12)?,
+                        outcome: r.get(13)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn deny_events(&self, limit: i64) -> Result<Vec<DenyEvent>> {
+        self.with(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
+                     FROM (SELECT * FROM tb_deny_events ORDER BY ts_ms DESC, event_id DESC LIMIT ?1) ORDER BY ts_ms, event_id",
+                )
+                .map_err(db_err)?;
+            let rows = st
+                .query_map([limit], |r| {
+                    Ok(DenyEvent {
+                        event_id: r.get(0)?,
+                        request_id: r.get(1)?,
+                        ts_ms: r.get(2)?,
+                        principal: r.get(3)?,
+                        model: r.get(4)?,
+                        budget_name: r.get(5)?,
+                        reason: r.get(6)?,
+                        unit: r.get(7)?,
+                        used: to_u64(r.get(8)?),
+                        limit: to_u64(r.get(9)?),
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+}
+
+fn bump_version(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    tx.execute("UPDATE tb_policy_version SET version = version + 1 WHERE id = 1", [])
+        .map_err(db_err)?;
+    Ok(())
+}
