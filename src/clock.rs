@@ -30,7 +30,9 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(start: DateTime<Utc>) -> Self {
-        Self { millis: Arc::new(AtomicI64::new(start.timestamp_millis())) }
+        Self {
+            millis: Arc::new(AtomicI64::new(start.timestamp_millis())),
+        }
     }
 
     pub fn set(&self, to: DateTime<Utc>) {
@@ -38,7 +40,8 @@ impl ManualClock {
     }
 
     pub fn advance(&self, by: chrono::Duration) {
-        self.millis.fetch_add(by.num_milliseconds(), Ordering::SeqCst);
+        self.millis
+            .fetch_add(by.num_milliseconds(), Ordering::SeqCst);
     }
 }
 

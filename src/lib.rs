@@ -6,7 +6,14 @@
 //! - [`ledger`] holds admission state in memory and writes debits to the [`store`] in batches.
 //! - [`admin`] serves health endpoints; [`app`] wires everything; [`config`] validates settings.
 
+pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod extproc;
+pub mod identity;
+pub mod ledger;
 pub mod meter;
 pub mod policy;
 pub mod store;

@@ -1,1 +1,165 @@
-fn main() {}
+//! The `tokenbudget` binary: parses the command line, loads the config, hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokenbudget::cli::{self, BudgetCmd};
+use tokenbudget::clock::{SharedClock, SystemClock};
+use tokenbudget::config::{Config, LogFormat};
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "tokenbudget",
+    version,
+    about = "LLM token and dollar budgets, enforced behind Envoy"
+)]
+struct Cli {
+    /// Config file (TOML). Without one, defaults apply (SQLite store, localhost ports).
+    #[arg(long, global = true, env = "TOKENBUDGET_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ext_proc server and the admin port.
+    Serve,
+    /// Apply schema migrations to the store.
+    Migrate,
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Manage budgets in the store.
+    Budgets {
+        #[command(subcommand)]
+        cmd: BudgetCmd,
+    },
+    /// Usage per principal and model over the last hours.
+    Usage {
+        #[arg(long, default_value_t = 24)]
+        since_hours: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the config file and print the effective settings.
+    Check,
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tokenbudget: invalid configuration: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if let Command::Config {
+        cmd: ConfigCmd::Check,
+    } = cli.command
+    {
+        println!("configuration is valid");
+        println!("  grpc_listen  {}", config.grpc_listen);
+        println!("  admin_listen {}", config.admin_listen);
+        println!(
+            "  store        {}",
+            match &config.store {
+                tokenbudget::store::StoreTarget::Postgres { .. } =>
+                    "postgres (database_url set)".to_string(),
+                tokenbudget::store::StoreTarget::Sqlite { path } =>
+                    format!("sqlite {}", path.display()),
+            }
+        );
+        println!("  timezone     {}", config.timezone);
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokenbudget: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let clock: SharedClock = Arc::new(SystemClock);
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => serve(config, clock).await,
+            Command::Migrate => {
+                tokenbudget::app::open_store(
+                    &Config {
+                        migrate_on_start: true,
+                        ..config
+                    },
+                    &clock,
+                )
+                .await?;
+                println!("migrations applied");
+                Ok(())
+            }
+            Command::Budgets { cmd } => cli::budgets(&config, &clock, cmd).await,
+            Command::Usage { since_hours, json } => {
+                cli::usage(&config, &clock, since_hours, json).await
+            }
+            Command::Config { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenbudget: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, clock: SharedClock) -> anyhow::Result<()> {
+    let running = tokenbudget::app::start(config, clock).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining streams, then flushing debits");
+    running.shutdown().await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

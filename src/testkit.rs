@@ -32,7 +32,11 @@ impl TestDb {
         let mut cfg = tokio_postgres::Config::from_str(&admin_url).map_err(|e| e.to_string())?;
         cfg.dbname(&name);
         let url = pg_url(&cfg, &name);
-        Ok(TestDb { url, name, admin_url })
+        Ok(TestDb {
+            url,
+            name,
+            admin_url,
+        })
     }
 }
 
@@ -51,13 +55,20 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Dropping runs outside any runtime the test may be shutting down.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
-                if let Ok((client, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
                     tokio::spawn(conn);
-                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
                 }
             });
         })

@@ -5,7 +5,10 @@ use memchr::memmem;
 
 /// The byte range of the object value of the last `"<key>": {` in `bytes`, if complete.
 /// A `null` or non-object value is skipped. Strings and escapes are respected when matching braces.
-pub fn last_object_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> Option<std::ops::Range<usize>> {
+pub fn last_object_after_key(
+    bytes: &[u8],
+    finder: &memmem::Finder<'_>,
+) -> Option<std::ops::Range<usize>> {
     let mut best = None;
     for at in finder.find_iter(bytes) {
         let mut i = at + finder.needle().len();
@@ -108,7 +111,8 @@ mod tests {
     #[test]
     fn finds_the_last_complete_object() {
         let f = memmem::Finder::new(b"\"usage\"");
-        let b = br#"{"usage":null,"x":"\"usage\": {no","usage" : {"a":{"b":"}"},"c":[1,{}]},"z":1}"#;
+        let b =
+            br#"{"usage":null,"x":"\"usage\": {no","usage" : {"a":{"b":"}"},"c":[1,{}]},"z":1}"#;
         let r = last_object_after_key(b, &f).unwrap();
         assert_eq!(&b[r], br#"{"a":{"b":"}"},"c":[1,{}]}"#);
         assert!(has_object_after_key(b, &f));
@@ -119,7 +123,10 @@ mod tests {
     #[test]
     fn measures_string_values() {
         let f = memmem::Finder::new(b"\"content\"");
-        assert_eq!(string_len_after_key(br#"{"delta":{"content":"a\"bc"}}"#, &f), 4);
+        assert_eq!(
+            string_len_after_key(br#"{"delta":{"content":"a\"bc"}}"#, &f),
+            4
+        );
         assert_eq!(string_len_after_key(br#"{"content":null}"#, &f), 0);
     }
 }

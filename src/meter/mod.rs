@@ -16,7 +16,8 @@ use std::sync::LazyLock;
 
 use memchr::memmem;
 
-static USAGE_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 static CONTENT_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"content\""));
 
@@ -82,7 +83,10 @@ pub struct MeterLimits {
 
 impl Default for MeterLimits {
     fn default() -> Self {
-        MeterLimits { max_event: 256 * 1024, json_tail: 64 * 1024 }
+        MeterLimits {
+            max_event: 256 * 1024,
+            json_tail: 64 * 1024,
+        }
     }
 }
 
@@ -111,7 +115,13 @@ pub struct Meter {
 
 impl Meter {
     pub fn new(format: BodyFormat, limits: MeterLimits) -> Self {
-        Meter { format, framer: sse::SseFramer::new(limits.max_event), tail: Vec::new(), limits, seen: Metered::default() }
+        Meter {
+            format,
+            framer: sse::SseFramer::new(limits.max_event),
+            tail: Vec::new(),
+            limits,
+            seen: Metered::default(),
+        }
     }
 
     pub fn format(&self) -> BodyFormat {
@@ -128,7 +138,8 @@ impl Meter {
         match self.format {
             BodyFormat::Sse => {
                 let seen = &mut self.seen;
-                self.framer.feed(chunk, &mut |ev| on_sse_event(seen, ev.data));
+                self.framer
+                    .feed(chunk, &mut |ev| on_sse_event(seen, ev.data));
             }
             BodyFormat::Json => {
                 let cap = self.limits.json_tail;
@@ -176,7 +187,9 @@ fn on_sse_event(seen: &mut Metered, data: &[u8]) {
         return;
     }
     if json::has_object_after_key(data, &USAGE_KEY) {
-        match json::last_object_after_key(data, &USAGE_KEY).and_then(|r| openai::decode_usage(&data[r])) {
+        match json::last_object_after_key(data, &USAGE_KEY)
+            .and_then(|r| openai::decode_usage(&data[r]))
+        {
             Some(u) => seen.usage = Some(u),
             None => seen.malformed += 1,
         }
@@ -194,9 +207,20 @@ data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-202
 data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":1200,\"completion_tokens\":350,\"total_tokens\":1550,\"prompt_tokens_details\":{\"cached_tokens\":1024},\"completion_tokens_details\":{\"reasoning_tokens\":128}}}\n\n\
 data: [DONE]\n\n";
 
-    const CHAT_USAGE: Usage = Usage { input: 176, cache_read: 1024, cache_write: 0, output: 350, reasoning: 128 };
+    const CHAT_USAGE: Usage = Usage {
+        input: 176,
+        cache_read: 1024,
+        cache_write: 0,
+        output: 350,
+        reasoning: 128,
+    };
 
-    fn meter_split(format: BodyFormat, body: &[u8], cuts: &[usize], limits: MeterLimits) -> Metered {
+    fn meter_split(
+        format: BodyFormat,
+        body: &[u8],
+        cuts: &[usize],
+        limits: MeterLimits,
+    ) -> Metered {
         let mut m = Meter::new(format, limits);
         let mut last = 0;
         for &c in cuts.iter().chain(std::iter::once(&body.len())) {
@@ -237,7 +261,11 @@ data: [DONE]\n\n";
     #[test]
     fn json_body_usage_from_the_tail_at_every_split() {
         let body = br#"{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello \"usage\": {"}}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}"#;
-        let want = Usage { input: 9, output: 12, ..Usage::default() };
+        let want = Usage {
+            input: 9,
+            output: 12,
+            ..Usage::default()
+        };
         for i in 0..=body.len() {
             let got = meter_split(BodyFormat::Json, body, &[i], MeterLimits::default());
             assert_eq!(got.usage, Some(want), "split at {i}");
@@ -248,19 +276,37 @@ data: [DONE]\n\n";
             big.extend_from_slice(b"0.0123,");
         }
         big.extend_from_slice(br#"0.1]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#);
-        let limits = MeterLimits { json_tail: 1024, ..MeterLimits::default() };
+        let limits = MeterLimits {
+            json_tail: 1024,
+            ..MeterLimits::default()
+        };
         let mut m = Meter::new(BodyFormat::Json, limits);
         for c in big.chunks(700) {
             m.feed(c);
             assert!(m.buffered() <= 2 * 1024);
         }
-        assert_eq!(m.finish().usage, Some(Usage { input: 8, ..Usage::default() }));
+        assert_eq!(
+            m.finish().usage,
+            Some(Usage {
+                input: 8,
+                ..Usage::default()
+            })
+        );
     }
 
     #[test]
     fn content_type_picks_the_parser() {
-        assert_eq!(BodyFormat::from_content_type(b"text/event-stream; charset=utf-8"), BodyFormat::Sse);
-        assert_eq!(BodyFormat::from_content_type(b"Application/JSON"), BodyFormat::Json);
-        assert_eq!(BodyFormat::from_content_type(b"text/plain"), BodyFormat::Opaque);
+        assert_eq!(
+            BodyFormat::from_content_type(b"text/event-stream; charset=utf-8"),
+            BodyFormat::Sse
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(b"Application/JSON"),
+            BodyFormat::Json
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(b"text/plain"),
+            BodyFormat::Opaque
+        );
     }
 }

@@ -35,16 +35,22 @@ pub fn decode_usage(object: &[u8]) -> Option<Usage> {
         return None;
     }
     let prompt = raw.prompt_tokens.unwrap_or(0);
-    let (cached, cache_write) = raw
-        .prompt_tokens_details
-        .map_or((0, 0), |d| (d.cached_tokens.unwrap_or(0), d.cache_write_tokens.unwrap_or(0)));
+    let (cached, cache_write) = raw.prompt_tokens_details.map_or((0, 0), |d| {
+        (
+            d.cached_tokens.unwrap_or(0),
+            d.cache_write_tokens.unwrap_or(0),
+        )
+    });
     let cached = cached.min(prompt);
     Some(Usage {
         input: prompt - cached,
         cache_read: cached,
-        cache_write: cache_write,
+        cache_write,
         output: raw.completion_tokens.unwrap_or(0),
-        reasoning: raw.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        reasoning: raw
+            .completion_tokens_details
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0),
     })
 }
 
@@ -58,7 +64,16 @@ mod tests {
             br#"{"prompt_tokens":1200,"completion_tokens":350,"total_tokens":1550,"prompt_tokens_details":{"cached_tokens":1024},"completion_tokens_details":{"reasoning_tokens":128}}"#,
         )
         .unwrap();
-        assert_eq!(u, Usage { input: 176, cache_read: 1024, cache_write: 0, output: 350, reasoning: 128 });
+        assert_eq!(
+            u,
+            Usage {
+                input: 176,
+                cache_read: 1024,
+                cache_write: 0,
+                output: 350,
+                reasoning: 128
+            }
+        );
         assert_eq!(u.total(), 1550);
     }
 

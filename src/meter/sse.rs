@@ -115,7 +115,10 @@ impl SseFramer {
     fn line(&mut self, line: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
         if line.is_empty() {
             if self.data_lines > 0 && self.data_lines != u32::MAX {
-                on_event(Event { name: &self.event[..self.event_len], data: &self.data });
+                on_event(Event {
+                    name: &self.event[..self.event_len],
+                    data: &self.data,
+                });
             }
             self.data.clear();
             self.data_lines = 0;
@@ -208,7 +211,11 @@ mod tests {
         let big = format!("data: {}\n\ndata: small\n\n", "x".repeat(100));
         for i in 0..=big.len() {
             let (ev, oversized) = events(big.as_bytes(), &[i], 32);
-            assert_eq!(ev, vec![("".to_string(), "small".to_string())], "split at {i}");
+            assert_eq!(
+                ev,
+                vec![("".to_string(), "small".to_string())],
+                "split at {i}"
+            );
             assert_eq!(oversized, 1);
         }
     }

@@ -95,7 +95,8 @@ pub struct BudgetStatus {
 
 impl BudgetStatus {
     pub fn remaining(&self) -> u64 {
-        self.limit.saturating_sub(self.used.saturating_add(self.reserved))
+        self.limit
+            .saturating_sub(self.used.saturating_add(self.reserved))
     }
 
     /// Whole seconds until the window resets, rounded up; `None` for lifetime budgets.
@@ -162,10 +163,10 @@ pub struct Counters {
 impl Counters {
     /// The counter for `key`, rolled over to `bucket` if that is newer. Returns the effective bucket.
     fn at(&mut self, key: &CounterKey, bucket: i64) -> (&mut Counter, i64) {
-        let c = self
-            .map
-            .entry(key.clone())
-            .or_insert_with(|| Counter { bucket, ..Counter::default() });
+        let c = self.map.entry(key.clone()).or_insert_with(|| Counter {
+            bucket,
+            ..Counter::default()
+        });
         if bucket > c.bucket {
             c.bucket = bucket;
             c.used = Amount::default();
@@ -180,20 +181,30 @@ impl Counters {
         let matched = policy.matching(ask.principal, ask.model);
         let mut shadow = Vec::new();
         if matched.is_empty() {
-            return Admission::Allowed { reservation: Reservation::default(), binding: None, shadow };
+            return Admission::Allowed {
+                reservation: Reservation::default(),
+                binding: None,
+                shadow,
+            };
         }
-        let price = ask.model.and_then(|m| policy.prices.at(m, now.timestamp_millis()));
+        let price = ask
+            .model
+            .and_then(|m| policy.prices.at(m, now.timestamp_millis()));
         let estimate = Amount {
             tokens: ask.estimate.total().0,
             nanos: price.map_or(0, |p| p.cost(&ask.estimate).0),
         };
-        let unpriced = ask.model.is_some() && price.is_none() && policy.unpriced == UnpricedModel::Deny;
+        let unpriced =
+            ask.model.is_some() && price.is_none() && policy.unpriced == UnpricedModel::Deny;
 
         let mut denials = Vec::new();
         let mut plan = Vec::with_capacity(matched.len());
         for (budget, member) in matched {
             let bounds = budget.window.bounds(now, policy.tz);
-            let key = CounterKey { budget: budget.id.clone(), member };
+            let key = CounterKey {
+                budget: budget.id.clone(),
+                member,
+            };
             let (c, _) = self.at(&key, bounds.bucket());
             let unit = budget.limit.unit();
             let status = BudgetStatus {
@@ -212,13 +223,22 @@ impl Counters {
                 Some(DenyReason::ModelNotPriced)
             } else if want > status.limit {
                 Some(DenyReason::NeverFits)
-            } else if status.used.saturating_add(status.reserved).saturating_add(want) > status.limit {
+            } else if status
+                .used
+                .saturating_add(status.reserved)
+                .saturating_add(want)
+                > status.limit
+            {
                 Some(DenyReason::Exhausted)
             } else {
                 None
             };
             if let Some(reason) = reason {
-                let d = Denial { status: status.clone(), reason, requested: want };
+                let d = Denial {
+                    status: status.clone(),
+                    reason,
+                    requested: want,
+                };
                 match budget.action {
                     Action::Enforce => denials.push(d),
                     Action::Shadow => shadow.push(d),
@@ -241,9 +261,17 @@ impl Counters {
             if status.action == Action::Enforce && tighter(&status, binding.as_ref()) {
                 binding = Some(status);
             }
-            entries.push(Held { key, window, amount: estimate });
+            entries.push(Held {
+                key,
+                window,
+                amount: estimate,
+            });
         }
-        Admission::Allowed { reservation: Reservation { entries }, binding, shadow }
+        Admission::Allowed {
+            reservation: Reservation { entries },
+            binding,
+            shadow,
+        }
     }
 
     /// Releases `r` and adds `actual` to each of its counters in the window current at `now`.
@@ -261,7 +289,11 @@ impl Counters {
             c.reserved.sub(held.amount);
             c.used.add(actual);
             c.unflushed.add(actual);
-            deltas.push(CounterDelta { key: held.key.clone(), bucket, amount: actual });
+            deltas.push(CounterDelta {
+                key: held.key.clone(),
+                bucket,
+                amount: actual,
+            });
         }
         deltas
     }
@@ -278,10 +310,10 @@ impl Counters {
     /// The store has durably recorded `deltas`.
     pub fn mark_flushed(&mut self, deltas: &[CounterDelta]) {
         for d in deltas {
-            if let Some(c) = self.map.get_mut(&d.key) {
-                if c.bucket == d.bucket {
-                    c.unflushed.sub(d.amount);
-                }
+            if let Some(c) = self.map.get_mut(&d.key)
+                && c.bucket == d.bucket
+            {
+                c.unflushed.sub(d.amount);
             }
         }
     }
@@ -289,16 +321,23 @@ impl Counters {
     /// Replaces used amounts with what the store holds (plus what is not flushed yet) for the
     /// current bucket of each budget in `current`, and forgets idle counters of deleted budgets.
     /// `rows` must hold every stored counter of those buckets; a missing row means zero.
-    pub fn refresh(&mut self, current: &HashMap<BudgetId, i64>, rows: Vec<(CounterKey, i64, Amount)>) {
+    pub fn refresh(
+        &mut self,
+        current: &HashMap<BudgetId, i64>,
+        rows: Vec<(CounterKey, i64, Amount)>,
+    ) {
         let mut stored: HashMap<CounterKey, Amount> = HashMap::with_capacity(rows.len());
         for (key, bucket, amount) in rows {
             if current.get(&key.budget) == Some(&bucket) {
                 stored.insert(key, amount);
             }
         }
-        self.map.retain(|key, c| current.contains_key(&key.budget) || c.reserved != Amount::default());
+        self.map
+            .retain(|key, c| current.contains_key(&key.budget) || c.reserved != Amount::default());
         for (key, c) in self.map.iter_mut() {
-            let Some(&bucket) = current.get(&key.budget) else { continue };
+            let Some(&bucket) = current.get(&key.budget) else {
+                continue;
+            };
             if bucket > c.bucket {
                 c.bucket = bucket;
                 c.unflushed = Amount::default();
@@ -311,7 +350,14 @@ impl Counters {
         }
         for (key, amount) in stored {
             let bucket = current.get(&key.budget).copied().unwrap_or_default();
-            self.map.insert(key, Counter { bucket, used: amount, ..Counter::default() });
+            self.map.insert(
+                key,
+                Counter {
+                    bucket,
+                    used: amount,
+                    ..Counter::default()
+                },
+            );
         }
     }
 
@@ -339,12 +385,14 @@ fn pick_binding_denial(denials: Vec<Denial>) -> Option<Denial> {
         DenyReason::Exhausted => 0,
     };
     denials.into_iter().max_by(|a, b| {
-        rank(a).cmp(&rank(b)).then_with(|| match (a.status.resets_at, b.status.resets_at) {
-            (None, None) => std::cmp::Ordering::Equal,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (Some(x), Some(y)) => x.cmp(&y),
-        })
+        rank(a)
+            .cmp(&rank(b))
+            .then_with(|| match (a.status.resets_at, b.status.resets_at) {
+                (None, None) => std::cmp::Ordering::Equal,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (Some(x), Some(y)) => x.cmp(&y),
+            })
     })
 }
 
@@ -358,7 +406,9 @@ mod tests {
     use crate::policy::{Budget, PriceBook};
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     fn policy(budgets: Vec<Budget>) -> Policy {
@@ -380,24 +430,40 @@ mod tests {
         Ask {
             principal: p,
             model: Some(model),
-            estimate: TokenClasses { input, output, ..Default::default() },
+            estimate: TokenClasses {
+                input,
+                output,
+                ..Default::default()
+            },
         }
     }
 
     fn tokens(n: u64) -> Amount {
-        Amount { tokens: n, nanos: 0 }
+        Amount {
+            tokens: n,
+            nanos: 0,
+        }
     }
 
     #[test]
     fn reservations_stop_concurrent_requests_at_the_limit() {
-        let p = policy(vec![budget("alice", SubjectKind::User, "alice", Limit::Tokens(Tokens(1000)))]);
+        let p = policy(vec![budget(
+            "alice",
+            SubjectKind::User,
+            "alice",
+            Limit::Tokens(Tokens(1000)),
+        )]);
         let alice = Principal::user("alice");
         let mut c = Counters::default();
         let mut held = Vec::new();
         // Each request reserves 10 + 90 = 100 tokens; ten fit, the eleventh does not.
         for i in 0..10 {
             match c.admit(&p, &ask(&alice, "m", 10, 90), now()) {
-                Admission::Allowed { reservation, binding, .. } => {
+                Admission::Allowed {
+                    reservation,
+                    binding,
+                    ..
+                } => {
                     assert_eq!(binding.unwrap().remaining(), 1000 - 100 * (i + 1));
                     held.push(reservation);
                 }
@@ -413,14 +479,23 @@ mod tests {
         let deltas = c.settle(&held.pop().unwrap(), tokens(40), now(), chrono_tz::UTC);
         assert_eq!(deltas.len(), 1);
         assert_eq!(deltas[0].amount, tokens(40));
-        assert!(matches!(c.admit(&p, &ask(&alice, "m", 10, 50), now()), Admission::Allowed { .. }));
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 10, 50), now()),
+            Admission::Allowed { .. }
+        ));
     }
 
     #[test]
     fn a_request_larger_than_the_limit_never_fits() {
-        let p = policy(vec![budget("a", SubjectKind::User, "alice", Limit::Tokens(Tokens(100)))]);
+        let p = policy(vec![budget(
+            "a",
+            SubjectKind::User,
+            "alice",
+            Limit::Tokens(Tokens(100)),
+        )]);
         let alice = Principal::user("alice");
-        let Admission::Denied { denial, .. } = Counters::default().admit(&p, &ask(&alice, "m", 1, 100), now())
+        let Admission::Denied { denial, .. } =
+            Counters::default().admit(&p, &ask(&alice, "m", 1, 100), now())
         else {
             panic!()
         };
@@ -437,40 +512,59 @@ mod tests {
         let mut c = Counters::default();
 
         let p = policy(vec![shared]);
-        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 50, 30), now()) else {
+        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 50, 30), now())
+        else {
             panic!()
         };
         c.settle(&reservation, tokens(80), now(), chrono_tz::UTC);
-        assert!(matches!(c.admit(&p, &ask(&bob, "m", 10, 20), now()), Admission::Denied { .. }));
+        assert!(matches!(
+            c.admit(&p, &ask(&bob, "m", 10, 20), now()),
+            Admission::Denied { .. }
+        ));
 
         let p = policy(vec![each]);
         let mut c = Counters::default();
-        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 50, 30), now()) else {
+        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 50, 30), now())
+        else {
             panic!()
         };
         c.settle(&reservation, tokens(80), now(), chrono_tz::UTC);
-        assert!(matches!(c.admit(&p, &ask(&bob, "m", 10, 20), now()), Admission::Allowed { .. }));
-        assert!(matches!(c.admit(&p, &ask(&alice, "m", 10, 20), now()), Admission::Denied { .. }));
+        assert!(matches!(
+            c.admit(&p, &ask(&bob, "m", 10, 20), now()),
+            Admission::Allowed { .. }
+        ));
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 10, 20), now()),
+            Admission::Denied { .. }
+        ));
     }
 
     #[test]
     fn usd_budgets_price_the_estimate_and_deny_unpriced_models() {
-        let b = budget("usd", SubjectKind::User, "alice", Limit::Usd("0.001".parse().unwrap()));
+        let b = budget(
+            "usd",
+            SubjectKind::User,
+            "alice",
+            Limit::Usd("0.001".parse().unwrap()),
+        );
         let p = policy(vec![b]);
         let alice = Principal::user("alice");
         let mut c = Counters::default();
         // 1000 in + 1000 out at $0.15/$0.60 per M = $0.00075: fits under $0.001.
-        let Admission::Allowed { binding, .. } = c.admit(&p, &ask(&alice, "gpt-4o-mini", 1000, 1000), now())
+        let Admission::Allowed { binding, .. } =
+            c.admit(&p, &ask(&alice, "gpt-4o-mini", 1000, 1000), now())
         else {
             panic!()
         };
         assert_eq!(binding.unwrap().reserved, 750_000);
-        let Admission::Denied { denial, .. } = c.admit(&p, &ask(&alice, "gpt-4o-mini", 1000, 1000), now())
+        let Admission::Denied { denial, .. } =
+            c.admit(&p, &ask(&alice, "gpt-4o-mini", 1000, 1000), now())
         else {
             panic!()
         };
         assert_eq!(denial.reason, DenyReason::Exhausted);
-        let Admission::Denied { denial, .. } = c.admit(&p, &ask(&alice, "mystery", 1, 1), now()) else {
+        let Admission::Denied { denial, .. } = c.admit(&p, &ask(&alice, "mystery", 1, 1), now())
+        else {
             panic!()
         };
         assert_eq!(denial.reason, DenyReason::ModelNotPriced);
@@ -482,8 +576,9 @@ mod tests {
         b.action = Action::Shadow;
         let p = policy(vec![b]);
         let alice = Principal::user("alice");
-        let Admission::Allowed { shadow, binding, .. } =
-            Counters::default().admit(&p, &ask(&alice, "m", 10, 10), now())
+        let Admission::Allowed {
+            shadow, binding, ..
+        } = Counters::default().admit(&p, &ask(&alice, "m", 10, 10), now())
         else {
             panic!()
         };
@@ -493,35 +588,62 @@ mod tests {
 
     #[test]
     fn a_new_window_starts_empty_and_keeps_in_flight_reservations() {
-        let mut b = budget("hourly", SubjectKind::User, "alice", Limit::Tokens(Tokens(100)));
-        b.window = Window::Calendar { unit: WindowUnit::Hour, every: 1 };
+        let mut b = budget(
+            "hourly",
+            SubjectKind::User,
+            "alice",
+            Limit::Tokens(Tokens(100)),
+        );
+        b.window = Window::Calendar {
+            unit: WindowUnit::Hour,
+            every: 1,
+        };
         let p = policy(vec![b]);
         let alice = Principal::user("alice");
         let mut c = Counters::default();
-        let Admission::Allowed { reservation: r1, .. } = c.admit(&p, &ask(&alice, "m", 10, 20), now()) else {
+        let Admission::Allowed {
+            reservation: r1, ..
+        } = c.admit(&p, &ask(&alice, "m", 10, 20), now())
+        else {
             panic!()
         };
         c.settle(&r1, tokens(70), now(), chrono_tz::UTC);
-        let Admission::Allowed { reservation: r2, .. } = c.admit(&p, &ask(&alice, "m", 10, 20), now()) else {
+        let Admission::Allowed {
+            reservation: r2, ..
+        } = c.admit(&p, &ask(&alice, "m", 10, 20), now())
+        else {
             panic!()
         };
-        assert!(matches!(c.admit(&p, &ask(&alice, "m", 1, 1), now()), Admission::Denied { .. }));
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 1, 1), now()),
+            Admission::Denied { .. }
+        ));
         let later = now() + chrono::Duration::hours(1);
-        let Admission::Allowed { binding, .. } = c.admit(&p, &ask(&alice, "m", 10, 20), later) else {
+        let Admission::Allowed { binding, .. } = c.admit(&p, &ask(&alice, "m", 10, 20), later)
+        else {
             panic!()
         };
         // r2 (30) is still in flight across the boundary; the settled 70 belonged to the old hour.
         assert_eq!(binding.unwrap().remaining(), 100 - 30 - 30);
         let deltas = c.settle(&r2, tokens(5), later, chrono_tz::UTC);
-        assert_eq!(deltas[0].bucket, later.timestamp() - later.timestamp() % 3600);
+        assert_eq!(
+            deltas[0].bucket,
+            later.timestamp() - later.timestamp() % 3600
+        );
     }
 
     #[test]
     fn refresh_keeps_unflushed_amounts() {
-        let p = policy(vec![budget("a", SubjectKind::User, "alice", Limit::Tokens(Tokens(1000)))]);
+        let p = policy(vec![budget(
+            "a",
+            SubjectKind::User,
+            "alice",
+            Limit::Tokens(Tokens(1000)),
+        )]);
         let alice = Principal::user("alice");
         let mut c = Counters::default();
-        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 1, 9), now()) else {
+        let Admission::Allowed { reservation, .. } = c.admit(&p, &ask(&alice, "m", 1, 9), now())
+        else {
             panic!()
         };
         let deltas = c.settle(&reservation, tokens(10), now(), chrono_tz::UTC);

@@ -45,7 +45,11 @@ pub struct Principal {
 
 impl Principal {
     pub fn user(id: impl Into<String>) -> Self {
-        Principal { kind: PrincipalKind::User, id: id.into(), groups: Vec::new() }
+        Principal {
+            kind: PrincipalKind::User,
+            id: id.into(),
+            groups: Vec::new(),
+        }
     }
 
     pub fn with_groups<I: IntoIterator<Item = S>, S: Into<String>>(mut self, groups: I) -> Self {
@@ -293,7 +297,7 @@ impl Budget {
             SubjectKind::ServicePrincipal => {
                 p.kind == PrincipalKind::ServicePrincipal && p.id == self.subject.name
             }
-            SubjectKind::Group => p.groups.iter().any(|g| *g == self.subject.name),
+            SubjectKind::Group => p.groups.contains(&self.subject.name),
             SubjectKind::Everyone => true,
         };
         if !hit {
@@ -315,11 +319,17 @@ pub(crate) mod tests {
         Budget {
             id: BudgetId(Arc::from(format!("id-{name}"))),
             name: name.into(),
-            subject: Subject { kind, name: subject.into() },
+            subject: Subject {
+                kind,
+                name: subject.into(),
+            },
             scope: Scope::Shared,
             models: ModelSet::All,
             limit,
-            window: Window::Calendar { unit: WindowUnit::Day, every: 1 },
+            window: Window::Calendar {
+                unit: WindowUnit::Day,
+                every: 1,
+            },
             action: Action::Enforce,
             is_override: false,
             enabled: true,
@@ -331,23 +341,53 @@ pub(crate) mod tests {
         let ok = budget("a", SubjectKind::User, "alice", Limit::Tokens(Tokens(10)));
         assert_eq!(ok.validate(), Ok(()));
         let cases: Vec<(Budget, BudgetError)> = vec![
-            (Budget { name: " ".into(), ..ok.clone() }, BudgetError::BadName),
-            (
-                Budget { scope: Scope::PerMember, ..ok.clone() },
-                BudgetError::PerMemberOnIndividual("user"),
-            ),
-            (Budget { limit: Limit::Tokens(Tokens(0)), ..ok.clone() }, BudgetError::ZeroLimit),
-            (Budget { models: ModelSet::Only(vec![]), ..ok.clone() }, BudgetError::EmptyModelList),
             (
                 Budget {
-                    subject: Subject { kind: SubjectKind::Group, name: "ml".into() },
+                    name: " ".into(),
+                    ..ok.clone()
+                },
+                BudgetError::BadName,
+            ),
+            (
+                Budget {
+                    scope: Scope::PerMember,
+                    ..ok.clone()
+                },
+                BudgetError::PerMemberOnIndividual("user"),
+            ),
+            (
+                Budget {
+                    limit: Limit::Tokens(Tokens(0)),
+                    ..ok.clone()
+                },
+                BudgetError::ZeroLimit,
+            ),
+            (
+                Budget {
+                    models: ModelSet::Only(vec![]),
+                    ..ok.clone()
+                },
+                BudgetError::EmptyModelList,
+            ),
+            (
+                Budget {
+                    subject: Subject {
+                        kind: SubjectKind::Group,
+                        name: "ml".into(),
+                    },
                     is_override: true,
                     ..ok.clone()
                 },
                 BudgetError::OverrideOnShared("group"),
             ),
             (
-                Budget { subject: Subject { kind: SubjectKind::Group, name: "".into() }, ..ok.clone() },
+                Budget {
+                    subject: Subject {
+                        kind: SubjectKind::Group,
+                        name: "".into(),
+                    },
+                    ..ok.clone()
+                },
                 BudgetError::MissingSubjectName("group"),
             ),
         ];
@@ -355,27 +395,49 @@ pub(crate) mod tests {
             assert_eq!(b.validate(), Err(want));
         }
         // A shadow budget may have a zero limit: it only reports.
-        let shadow = Budget { action: Action::Shadow, limit: Limit::Tokens(Tokens(0)), ..ok };
+        let shadow = Budget {
+            action: Action::Shadow,
+            limit: Limit::Tokens(Tokens(0)),
+            ..ok
+        };
         assert_eq!(shadow.validate(), Ok(()));
     }
 
     #[test]
     fn matching_respects_kind_groups_models_and_scope() {
         let alice = Principal::user("alice").with_groups(["ml", "eng"]);
-        let sp = Principal { kind: PrincipalKind::ServicePrincipal, id: "alice".into(), groups: vec![] };
+        let sp = Principal {
+            kind: PrincipalKind::ServicePrincipal,
+            id: "alice".into(),
+            groups: vec![],
+        };
         let user_b = budget("u", SubjectKind::User, "alice", Limit::Tokens(Tokens(1)));
-        assert_eq!(user_b.applies_to(&alice, Some("gpt-4o")).as_deref(), Some(""));
-        assert_eq!(user_b.applies_to(&sp, Some("gpt-4o")), None, "kinds are distinct");
+        assert_eq!(
+            user_b.applies_to(&alice, Some("gpt-4o")).as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            user_b.applies_to(&sp, Some("gpt-4o")),
+            None,
+            "kinds are distinct"
+        );
 
         let mut group = budget("g", SubjectKind::Group, "ml", Limit::Tokens(Tokens(1)));
         assert_eq!(group.applies_to(&alice, None).as_deref(), Some(""));
         group.scope = Scope::PerMember;
-        assert_eq!(group.applies_to(&alice, None).as_deref(), Some("user:alice"));
+        assert_eq!(
+            group.applies_to(&alice, None).as_deref(),
+            Some("user:alice")
+        );
         assert_eq!(group.applies_to(&Principal::user("bob"), None), None);
 
         let mut models = budget("m", SubjectKind::Everyone, "", Limit::Tokens(Tokens(1)));
         models.models = ModelSet::only(["gpt-4o", "claude-sonnet-4-5"]);
-        assert!(models.applies_to(&alice, Some("claude-sonnet-4-5")).is_some());
+        assert!(
+            models
+                .applies_to(&alice, Some("claude-sonnet-4-5"))
+                .is_some()
+        );
         assert!(models.applies_to(&alice, Some("gpt-4o-mini")).is_none());
         assert!(models.applies_to(&alice, None).is_none());
 

@@ -72,7 +72,12 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(budgets: Vec<Budget>, prices: PriceBook, tz: Tz, unpriced: UnpricedModel) -> Self {
-        Policy { budgets: budgets.into(), prices, tz, unpriced }
+        Policy {
+            budgets: budgets.into(),
+            prices,
+            tz,
+            unpriced,
+        }
     }
 
     /// Budgets that apply to `p` calling `model`, with their member keys. When an override budget
@@ -82,8 +87,11 @@ impl Policy {
         p: &Principal,
         model: Option<&str>,
     ) -> Vec<(&'a Budget, Arc<str>)> {
-        let mut hits: Vec<(&Budget, Arc<str>)> =
-            self.budgets.iter().filter_map(|b| b.applies_to(p, model).map(|k| (b, k))).collect();
+        let mut hits: Vec<(&Budget, Arc<str>)> = self
+            .budgets
+            .iter()
+            .filter_map(|b| b.applies_to(p, model).map(|k| (b, k)))
+            .collect();
         if hits.iter().any(|(b, _)| b.is_override) {
             hits.retain(|(b, _)| b.is_override);
         }
@@ -99,8 +107,14 @@ mod tests {
     #[test]
     fn price_book_picks_the_price_in_force() {
         let mut book = PriceBook::default();
-        let p1 = Price { input: NanoUsd(1), ..Default::default() };
-        let p2 = Price { input: NanoUsd(2), ..Default::default() };
+        let p1 = Price {
+            input: NanoUsd(1),
+            ..Default::default()
+        };
+        let p2 = Price {
+            input: NanoUsd(2),
+            ..Default::default()
+        };
         book.insert("m", 1_000, p1);
         book.insert("m", 2_000, p2);
         assert_eq!(book.at("m", 999), None);
@@ -112,15 +126,28 @@ mod tests {
 
     #[test]
     fn override_budgets_replace_the_rest_for_that_principal() {
-        let mut power = budget("power", SubjectKind::User, "alice", Limit::Tokens(Tokens(9)));
+        let mut power = budget(
+            "power",
+            SubjectKind::User,
+            "alice",
+            Limit::Tokens(Tokens(9)),
+        );
         power.is_override = true;
         let team = budget("team", SubjectKind::Group, "ml", Limit::Tokens(Tokens(1)));
-        let policy =
-            Policy::new(vec![power, team], PriceBook::default(), chrono_tz::UTC, UnpricedModel::Deny);
+        let policy = Policy::new(
+            vec![power, team],
+            PriceBook::default(),
+            chrono_tz::UTC,
+            UnpricedModel::Deny,
+        );
         let alice = Principal::user("alice").with_groups(["ml"]);
         let bob = Principal::user("bob").with_groups(["ml"]);
         let names = |p: &Principal| -> Vec<String> {
-            policy.matching(p, Some("x")).iter().map(|(b, _)| b.name.clone()).collect()
+            policy
+                .matching(p, Some("x"))
+                .iter()
+                .map(|(b, _)| b.name.clone())
+                .collect()
         };
         assert_eq!(names(&alice), vec!["power"]);
         assert_eq!(names(&bob), vec!["team"]);

@@ -10,12 +10,16 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A count of tokens (input + output, cached and reasoning included where a budget counts them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Tokens(pub u64);
 
 /// An amount of money in billionths of a US dollar.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct NanoUsd(pub u64);
 
@@ -50,7 +54,10 @@ impl FromStr for NanoUsd {
 
     /// Parses `"12"`, `"12.5"`, `"$0.000000001"`: at most nine decimals, no sign, no exponent.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| UsdParseError { input: s.to_owned(), reason };
+        let err = |reason| UsdParseError {
+            input: s.to_owned(),
+            reason,
+        };
         let t = s.trim();
         let t = t.strip_prefix('$').unwrap_or(t);
         let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
@@ -58,10 +65,14 @@ impl FromStr for NanoUsd {
             return Err(err("empty"));
         }
         if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err("expected digits with an optional decimal point, like 12.50"));
+            return Err(err(
+                "expected digits with an optional decimal point, like 12.50",
+            ));
         }
         if frac.len() > 9 {
-            return Err(err("more than nine decimal places (the unit is one nano-dollar)"));
+            return Err(err(
+                "more than nine decimal places (the unit is one nano-dollar)",
+            ));
         }
         let whole: u64 = if whole.is_empty() {
             0
@@ -180,7 +191,15 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_an_amount() {
-        for bad in ["", "-1", "1e3", "1.0000000001", "abc", "1.2.3", "99999999999999999999"] {
+        for bad in [
+            "",
+            "-1",
+            "1e3",
+            "1.0000000001",
+            "abc",
+            "1.2.3",
+            "99999999999999999999",
+        ] {
             assert!(bad.parse::<NanoUsd>().is_err(), "{bad} should not parse");
         }
     }
@@ -194,19 +213,45 @@ mod tests {
             cache_read: usd("0.075"),
             cache_write: NanoUsd(0),
         };
-        let t = TokenClasses { input: 176, cache_read: 1024, cache_write: 0, output: 350 };
+        let t = TokenClasses {
+            input: 176,
+            cache_read: 1024,
+            cache_write: 0,
+            output: 350,
+        };
         // 176*150_000_000 + 1024*75_000_000 + 350*600_000_000 = 26_400_000_000 + 76_800_000_000 + 210_000_000_000
         assert_eq!(p.cost(&t), NanoUsd(313_200));
         // One token at $0.15/M is 150 nano-USD exactly; at $0.0000001/M it rounds up to 1.
-        assert_eq!(p.cost(&TokenClasses { input: 1, ..Default::default() }), NanoUsd(150));
-        let tiny = Price { input: NanoUsd(100), ..Default::default() };
-        assert_eq!(tiny.cost(&TokenClasses { input: 1, ..Default::default() }), NanoUsd(1));
+        assert_eq!(
+            p.cost(&TokenClasses {
+                input: 1,
+                ..Default::default()
+            }),
+            NanoUsd(150)
+        );
+        let tiny = Price {
+            input: NanoUsd(100),
+            ..Default::default()
+        };
+        assert_eq!(
+            tiny.cost(&TokenClasses {
+                input: 1,
+                ..Default::default()
+            }),
+            NanoUsd(1)
+        );
     }
 
     #[test]
     fn cost_never_overflows() {
-        let p = Price { input: NanoUsd(u64::MAX), ..Default::default() };
-        let t = TokenClasses { input: u64::MAX, ..Default::default() };
+        let p = Price {
+            input: NanoUsd(u64::MAX),
+            ..Default::default()
+        };
+        let t = TokenClasses {
+            input: u64::MAX,
+            ..Default::default()
+        };
         assert_eq!(p.cost(&t), NanoUsd(u64::MAX));
     }
 }

@@ -49,7 +49,6 @@ pub fn default_prices() -> Vec<(String, Price)> {
     parse_price_table(DEFAULT_PRICES).unwrap_or_default()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

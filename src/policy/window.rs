@@ -95,7 +95,12 @@ impl Window {
     /// The window that contains `now`, in zone `tz`.
     pub fn bounds(&self, now: DateTime<Utc>, tz: Tz) -> Bounds {
         let (unit, every) = match *self {
-            Window::Total => return Bounds { start: DateTime::<Utc>::UNIX_EPOCH, end: None },
+            Window::Total => {
+                return Bounds {
+                    start: DateTime::<Utc>::UNIX_EPOCH,
+                    end: None,
+                };
+            }
             Window::Calendar { unit, every } => (unit, i64::from(every.max(1))),
         };
         let local = now.with_timezone(&tz).naive_local();
@@ -123,7 +128,10 @@ impl Window {
                 (first_of_month(m0), first_of_month(m0 + every))
             }
         };
-        Bounds { start: to_utc(start, tz), end: Some(to_utc(end, tz)) }
+        Bounds {
+            start: to_utc(start, tz),
+            end: Some(to_utc(end, tz)),
+        }
     }
 
     /// Nominal length in seconds, for the IETF `RateLimit-Policy` `w` parameter.
@@ -208,16 +216,70 @@ mod tests {
     fn calendar_windows_in_utc() {
         use WindowUnit::*;
         let utc = chrono_tz::UTC;
-        check(cal(Hour, 1), utc, "2026-03-04T10:59:59Z", "2026-03-04T10:00:00Z", Some("2026-03-04T11:00:00Z"));
-        check(cal(Hour, 6), utc, "2026-03-04T13:00:00Z", "2026-03-04T12:00:00Z", Some("2026-03-04T18:00:00Z"));
-        check(cal(Day, 1), utc, "2026-03-04T00:00:00Z", "2026-03-04T00:00:00Z", Some("2026-03-05T00:00:00Z"));
+        check(
+            cal(Hour, 1),
+            utc,
+            "2026-03-04T10:59:59Z",
+            "2026-03-04T10:00:00Z",
+            Some("2026-03-04T11:00:00Z"),
+        );
+        check(
+            cal(Hour, 6),
+            utc,
+            "2026-03-04T13:00:00Z",
+            "2026-03-04T12:00:00Z",
+            Some("2026-03-04T18:00:00Z"),
+        );
+        check(
+            cal(Day, 1),
+            utc,
+            "2026-03-04T00:00:00Z",
+            "2026-03-04T00:00:00Z",
+            Some("2026-03-05T00:00:00Z"),
+        );
         // 2026-11-30 is a Monday.
-        check(cal(Week, 1), utc, "2026-12-03T17:00:00Z", "2026-11-30T00:00:00Z", Some("2026-12-07T00:00:00Z"));
-        check(cal(Week, 1), utc, "2026-11-30T00:00:00Z", "2026-11-30T00:00:00Z", Some("2026-12-07T00:00:00Z"));
-        check(cal(Month, 1), utc, "2026-12-31T23:59:59Z", "2026-12-01T00:00:00Z", Some("2027-01-01T00:00:00Z"));
-        check(cal(Month, 1), utc, "2028-02-29T12:00:00Z", "2028-02-01T00:00:00Z", Some("2028-03-01T00:00:00Z"));
-        check(cal(Month, 3), utc, "2026-05-15T00:00:00Z", "2026-04-01T00:00:00Z", Some("2026-07-01T00:00:00Z"));
-        check(Window::Total, utc, "2026-05-15T00:00:00Z", "1970-01-01T00:00:00Z", None);
+        check(
+            cal(Week, 1),
+            utc,
+            "2026-12-03T17:00:00Z",
+            "2026-11-30T00:00:00Z",
+            Some("2026-12-07T00:00:00Z"),
+        );
+        check(
+            cal(Week, 1),
+            utc,
+            "2026-11-30T00:00:00Z",
+            "2026-11-30T00:00:00Z",
+            Some("2026-12-07T00:00:00Z"),
+        );
+        check(
+            cal(Month, 1),
+            utc,
+            "2026-12-31T23:59:59Z",
+            "2026-12-01T00:00:00Z",
+            Some("2027-01-01T00:00:00Z"),
+        );
+        check(
+            cal(Month, 1),
+            utc,
+            "2028-02-29T12:00:00Z",
+            "2028-02-01T00:00:00Z",
+            Some("2028-03-01T00:00:00Z"),
+        );
+        check(
+            cal(Month, 3),
+            utc,
+            "2026-05-15T00:00:00Z",
+            "2026-04-01T00:00:00Z",
+            Some("2026-07-01T00:00:00Z"),
+        );
+        check(
+            Window::Total,
+            utc,
+            "2026-05-15T00:00:00Z",
+            "1970-01-01T00:00:00Z",
+            None,
+        );
     }
 
     #[test]
@@ -225,16 +287,40 @@ mod tests {
         use WindowUnit::*;
         let ny = chrono_tz::America::New_York;
         // 2026-03-08 02:00 local does not exist (spring forward): that day is 23 hours long.
-        check(cal(Day, 1), ny, "2026-03-08T12:00:00Z", "2026-03-08T05:00:00Z", Some("2026-03-09T04:00:00Z"));
-        check(cal(Month, 1), ny, "2026-12-01T03:00:00Z", "2026-11-01T04:00:00Z", Some("2026-12-01T05:00:00Z"));
+        check(
+            cal(Day, 1),
+            ny,
+            "2026-03-08T12:00:00Z",
+            "2026-03-08T05:00:00Z",
+            Some("2026-03-09T04:00:00Z"),
+        );
+        check(
+            cal(Month, 1),
+            ny,
+            "2026-12-01T03:00:00Z",
+            "2026-11-01T04:00:00Z",
+            Some("2026-12-01T05:00:00Z"),
+        );
         let kolkata = chrono_tz::Asia::Kolkata;
-        check(cal(Hour, 1), kolkata, "2026-01-01T00:10:00Z", "2025-12-31T23:30:00Z", Some("2026-01-01T00:30:00Z"));
+        check(
+            cal(Hour, 1),
+            kolkata,
+            "2026-01-01T00:10:00Z",
+            "2025-12-31T23:30:00Z",
+            Some("2026-01-01T00:30:00Z"),
+        );
     }
 
     #[test]
     fn validation_names_the_problem() {
-        assert_eq!(cal(WindowUnit::Day, 0).validate(), Err(WindowError::ZeroEvery));
-        assert_eq!(cal(WindowUnit::Hour, 5).validate(), Err(WindowError::HoursNotDividingDay(5)));
+        assert_eq!(
+            cal(WindowUnit::Day, 0).validate(),
+            Err(WindowError::ZeroEvery)
+        );
+        assert_eq!(
+            cal(WindowUnit::Hour, 5).validate(),
+            Err(WindowError::HoursNotDividingDay(5))
+        );
         assert!(cal(WindowUnit::Hour, 12).validate().is_ok());
     }
 }

@@ -14,14 +14,23 @@ enum Fixture {
 
 async fn postgres() -> (Store, Fixture) {
     let db = TestDb::create().await.expect("test Postgres");
-    let store = Store::open(&StoreTarget::Postgres { url: db.url.clone(), pool_size: 4 }).await.unwrap();
+    let store = Store::open(&StoreTarget::Postgres {
+        url: db.url.clone(),
+        pool_size: 4,
+    })
+    .await
+    .unwrap();
     store.migrate(0).await.unwrap();
     (store, Fixture::Pg(db))
 }
 
 async fn sqlite() -> (Store, Fixture) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreTarget::Sqlite { path: dir.path().join("tb.db") }).await.unwrap();
+    let store = Store::open(&StoreTarget::Sqlite {
+        path: dir.path().join("tb.db"),
+    })
+    .await
+    .unwrap();
     store.migrate(0).await.unwrap();
     (store, Fixture::Sqlite(dir))
 }
@@ -50,18 +59,30 @@ fn budget(name: &str) -> Budget {
     Budget {
         id: BudgetId(Arc::from(format!("id-{name}"))),
         name: name.into(),
-        subject: Subject { kind: SubjectKind::Group, name: "ml".into() },
+        subject: Subject {
+            kind: SubjectKind::Group,
+            name: "ml".into(),
+        },
         scope: Scope::PerMember,
         models: ModelSet::only(["gpt-4o", "gpt-4o-mini"]),
         limit: Limit::Tokens(Tokens(1000)),
-        window: Window::Calendar { unit: WindowUnit::Month, every: 1 },
+        window: Window::Calendar {
+            unit: WindowUnit::Month,
+            every: 1,
+        },
         action: Action::Enforce,
         is_override: false,
         enabled: true,
     }
 }
 
-fn debit(event_id: &str, ts_ms: i64, principal: &str, tokens: u64, deltas: Vec<CounterDelta>) -> Debit {
+fn debit(
+    event_id: &str,
+    ts_ms: i64,
+    principal: &str,
+    tokens: u64,
+    deltas: Vec<CounterDelta>,
+) -> Debit {
     Debit {
         event: UsageEvent {
             event_id: event_id.into(),
@@ -84,7 +105,10 @@ fn debit(event_id: &str, ts_ms: i64, principal: &str, tokens: u64, deltas: Vec<C
 }
 
 fn key(budget: &str, member: &str) -> CounterKey {
-    CounterKey { budget: BudgetId(Arc::from(budget)), member: Arc::from(member) }
+    CounterKey {
+        budget: BudgetId(Arc::from(budget)),
+        member: Arc::from(member),
+    }
 }
 
 async fn migrate_is_idempotent_and_seeds_prices(s: Store) {
@@ -102,48 +126,105 @@ async fn budgets_round_trip_and_names_are_unique(s: Store) {
     usd.limit = Limit::Usd(NanoUsd(500_000_000_000));
     usd.models = ModelSet::All;
     usd.window = Window::Total;
-    usd.subject = Subject { kind: SubjectKind::Everyone, name: String::new() };
+    usd.subject = Subject {
+        kind: SubjectKind::Everyone,
+        name: String::new(),
+    };
     usd.scope = Scope::Shared;
     s.create_budget(&budget("b"), 1).await.unwrap();
     s.create_budget(&usd, 1).await.unwrap();
     assert_eq!(s.list_budgets().await.unwrap(), vec![budget("b"), usd]);
     assert!(s.policy_version().await.unwrap() > v0);
 
-    let dup = Budget { id: BudgetId(Arc::from("other")), ..budget("b") };
+    let dup = Budget {
+        id: BudgetId(Arc::from("other")),
+        ..budget("b")
+    };
     match s.create_budget(&dup, 2).await {
         Err(StoreError::Conflict(msg)) => assert!(msg.contains("\"b\""), "{msg}"),
         other => panic!("expected a conflict, got {other:?}"),
     }
     s.delete_budget("b").await.unwrap();
     assert_eq!(s.list_budgets().await.unwrap().len(), 1);
-    assert!(matches!(s.delete_budget("b").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.delete_budget("b").await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 async fn a_batch_is_applied_once_per_event(s: Store) {
-    let amount = |t| Amount { tokens: t, nanos: t * 10 };
-    let delta = |member: &str, t| CounterDelta { key: key("B", member), bucket: 100, amount: amount(t) };
+    let amount = |t| Amount {
+        tokens: t,
+        nanos: t * 10,
+    };
+    let delta = |member: &str, t| CounterDelta {
+        key: key("B", member),
+        bucket: 100,
+        amount: amount(t),
+    };
     let batch = Batch {
         debits: vec![
-            debit("e1", 1_000, "user:a", 30, vec![delta("", 30), delta("user:a", 30)]),
+            debit(
+                "e1",
+                1_000,
+                "user:a",
+                30,
+                vec![delta("", 30), delta("user:a", 30)],
+            ),
             debit("e2", 2_000, "user:b", 50, vec![delta("", 50)]),
         ],
         denies: vec![],
     };
-    assert_eq!(s.write_batch(&batch).await.unwrap(), BatchOutcome { inserted: 2, duplicates: 0 });
+    assert_eq!(
+        s.write_batch(&batch).await.unwrap(),
+        BatchOutcome {
+            inserted: 2,
+            duplicates: 0
+        }
+    );
     // A replay (journal, retry after a lost commit ack) changes nothing.
     let mut replay = batch.clone();
-    replay.debits.push(debit("e3", 3_000, "user:a", 7, vec![delta("", 7)]));
-    assert_eq!(s.write_batch(&replay).await.unwrap(), BatchOutcome { inserted: 1, duplicates: 2 });
+    replay
+        .debits
+        .push(debit("e3", 3_000, "user:a", 7, vec![delta("", 7)]));
+    assert_eq!(
+        s.write_batch(&replay).await.unwrap(),
+        BatchOutcome {
+            inserted: 1,
+            duplicates: 2
+        }
+    );
 
     assert_eq!(s.counter(&key("B", ""), 100).await.unwrap(), amount(87));
-    assert_eq!(s.counter(&key("B", "user:a"), 100).await.unwrap(), amount(30));
-    assert_eq!(s.counter(&key("B", ""), 200).await.unwrap(), Amount::default());
-    let mut loaded = s.load_counters(&[(BudgetId(Arc::from("B")), 100)]).await.unwrap();
+    assert_eq!(
+        s.counter(&key("B", "user:a"), 100).await.unwrap(),
+        amount(30)
+    );
+    assert_eq!(
+        s.counter(&key("B", ""), 200).await.unwrap(),
+        Amount::default()
+    );
+    let mut loaded = s
+        .load_counters(&[(BudgetId(Arc::from("B")), 100)])
+        .await
+        .unwrap();
     loaded.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(loaded, vec![(key("B", ""), 100, amount(87)), (key("B", "user:a"), 100, amount(30))]);
+    assert_eq!(
+        loaded,
+        vec![
+            (key("B", ""), 100, amount(87)),
+            (key("B", "user:a"), 100, amount(30))
+        ]
+    );
 
     let events = s.usage_events(None, 10).await.unwrap();
-    assert_eq!(events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e2", "e3"]);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect::<Vec<_>>(),
+        ["e1", "e2", "e3"]
+    );
     assert_eq!(events[0], batch.debits[0].event);
     let one = s.usage_events(Some("req-e2"), 10).await.unwrap();
     assert_eq!(one.len(), 1);
@@ -166,8 +247,20 @@ async fn rollups_sum_per_hour_principal_and_model(s: Store) {
     assert_eq!(
         all,
         vec![
-            UsageTotal { principal: "user:a".into(), model: "gpt-4o".into(), requests: 2, tokens: 30, cost: NanoUsd(300) },
-            UsageTotal { principal: "user:b".into(), model: "gpt-4o".into(), requests: 1, tokens: 5, cost: NanoUsd(50) },
+            UsageTotal {
+                principal: "user:a".into(),
+                model: "gpt-4o".into(),
+                requests: 2,
+                tokens: 30,
+                cost: NanoUsd(300)
+            },
+            UsageTotal {
+                principal: "user:b".into(),
+                model: "gpt-4o".into(),
+                requests: 1,
+                tokens: 5,
+                cost: NanoUsd(50)
+            },
         ]
     );
     assert_eq!(s.usage_since(11 * hour).await.unwrap().len(), 1);
@@ -186,23 +279,63 @@ async fn deny_events_are_recorded(s: Store) {
         used: 990,
         limit: 1000,
     };
-    let batch = Batch { debits: vec![], denies: vec![deny.clone()] };
+    let batch = Batch {
+        debits: vec![],
+        denies: vec![deny.clone()],
+    };
     s.write_batch(&batch).await.unwrap();
     s.write_batch(&batch).await.unwrap();
     assert_eq!(s.deny_events(10).await.unwrap(), vec![deny]);
 }
 
 async fn prices_keep_their_history(s: Store) {
-    let p = |n| Price { input: NanoUsd(n), output: NanoUsd(2 * n), cache_read: NanoUsd(n / 2), cache_write: NanoUsd(n) };
-    s.set_price(&PriceRow { model: "m".into(), effective_from_ms: 100, price: p(10) }).await.unwrap();
-    s.set_price(&PriceRow { model: "m".into(), effective_from_ms: 200, price: p(20) }).await.unwrap();
-    s.set_price(&PriceRow { model: "m".into(), effective_from_ms: 200, price: p(30) }).await.unwrap();
-    let m: Vec<PriceRow> = s.list_prices().await.unwrap().into_iter().filter(|r| r.model == "m").collect();
+    let p = |n| Price {
+        input: NanoUsd(n),
+        output: NanoUsd(2 * n),
+        cache_read: NanoUsd(n / 2),
+        cache_write: NanoUsd(n),
+    };
+    s.set_price(&PriceRow {
+        model: "m".into(),
+        effective_from_ms: 100,
+        price: p(10),
+    })
+    .await
+    .unwrap();
+    s.set_price(&PriceRow {
+        model: "m".into(),
+        effective_from_ms: 200,
+        price: p(20),
+    })
+    .await
+    .unwrap();
+    s.set_price(&PriceRow {
+        model: "m".into(),
+        effective_from_ms: 200,
+        price: p(30),
+    })
+    .await
+    .unwrap();
+    let m: Vec<PriceRow> = s
+        .list_prices()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.model == "m")
+        .collect();
     assert_eq!(
         m,
         vec![
-            PriceRow { model: "m".into(), effective_from_ms: 100, price: p(10) },
-            PriceRow { model: "m".into(), effective_from_ms: 200, price: p(30) },
+            PriceRow {
+                model: "m".into(),
+                effective_from_ms: 100,
+                price: p(10)
+            },
+            PriceRow {
+                model: "m".into(),
+                effective_from_ms: 200,
+                price: p(30)
+            },
         ]
     );
 }

@@ -9,10 +9,10 @@
 //! rollup increments are applied in the same transaction, only when the event row is new.
 //! **Boundary:** knows nothing of HTTP, Envoy or the ledger's in-memory state.
 
-mod postgres;
-mod sqlite;
 #[cfg(test)]
 mod contract;
+mod postgres;
+mod sqlite;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -162,7 +162,11 @@ impl Aggregates {
         let mut hourly: BTreeMap<(i64, String, String), (u64, u64, u64)> = BTreeMap::new();
         for d in debits {
             for delta in &d.deltas {
-                let k = (delta.key.budget.0.to_string(), delta.bucket, delta.key.member.to_string());
+                let k = (
+                    delta.key.budget.0.to_string(),
+                    delta.bucket,
+                    delta.key.member.to_string(),
+                );
                 let a = counters.entry(k).or_default();
                 a.tokens = a.tokens.saturating_add(delta.amount.tokens);
                 a.nanos = a.nanos.saturating_add(delta.amount.nanos);
@@ -223,8 +227,11 @@ impl BudgetRow {
     }
 
     pub(crate) fn into_budget(self) -> Result<Budget> {
-        let bad = |what: &str, v: &str| StoreError::Corrupt(format!("budget {}: {what} {v:?}", self.name));
-        let kind = SubjectKind::parse(&self.subject_kind).ok_or_else(|| bad("subject_kind", &self.subject_kind))?;
+        let bad = |what: &str, v: &str| {
+            StoreError::Corrupt(format!("budget {}: {what} {v:?}", self.name))
+        };
+        let kind = SubjectKind::parse(&self.subject_kind)
+            .ok_or_else(|| bad("subject_kind", &self.subject_kind))?;
         let scope = Scope::parse(&self.scope).ok_or_else(|| bad("scope", &self.scope))?;
         let models = match &self.models {
             None => ModelSet::All,
@@ -232,7 +239,8 @@ impl BudgetRow {
                 serde_json::from_str::<Vec<String>>(json).map_err(|_| bad("models", json))?,
             ),
         };
-        let value = u64::try_from(self.limit_value).map_err(|_| bad("limit_value", &self.limit_value.to_string()))?;
+        let value = u64::try_from(self.limit_value)
+            .map_err(|_| bad("limit_value", &self.limit_value.to_string()))?;
         let limit = match self.limit_unit.as_str() {
             "tokens" => Limit::Tokens(Tokens(value)),
             "usd" => Limit::Usd(NanoUsd(value)),
@@ -241,8 +249,10 @@ impl BudgetRow {
         let window = if self.window_unit == "total" {
             Window::Total
         } else {
-            let unit = WindowUnit::parse(&self.window_unit).ok_or_else(|| bad("window_unit", &self.window_unit))?;
-            let every = u32::try_from(self.window_every).map_err(|_| bad("window_every", &self.window_every.to_string()))?;
+            let unit = WindowUnit::parse(&self.window_unit)
+                .ok_or_else(|| bad("window_unit", &self.window_unit))?;
+            let every = u32::try_from(self.window_every)
+                .map_err(|_| bad("window_every", &self.window_every.to_string()))?;
             Window::Calendar { unit, every }
         };
         let action = match self.action.as_str() {
@@ -253,7 +263,10 @@ impl BudgetRow {
         Ok(Budget {
             id: BudgetId(Arc::from(self.id)),
             name: self.name,
-            subject: Subject { kind, name: self.subject_name },
+            subject: Subject {
+                kind,
+                name: self.subject_name,
+            },
             scope,
             models,
             limit,
@@ -293,7 +306,9 @@ impl Store {
     /// Connects (Postgres: builds the pool and checks one connection; SQLite: opens the file).
     pub async fn open(target: &StoreTarget) -> Result<Store> {
         Ok(match target {
-            StoreTarget::Postgres { url, pool_size } => Store::Postgres(PgStore::connect(url, *pool_size).await?),
+            StoreTarget::Postgres { url, pool_size } => {
+                Store::Postgres(PgStore::connect(url, *pool_size).await?)
+            }
             StoreTarget::Sqlite { path } => Store::Sqlite(SqliteStore::open(path).await?),
         })
     }
@@ -326,7 +341,10 @@ impl Store {
     }
 
     /// Stored counters of the given (budget, bucket) windows.
-    pub async fn load_counters(&self, windows: &[(BudgetId, i64)]) -> Result<Vec<(CounterKey, i64, Amount)>> {
+    pub async fn load_counters(
+        &self,
+        windows: &[(BudgetId, i64)],
+    ) -> Result<Vec<(CounterKey, i64, Amount)>> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
@@ -366,7 +384,11 @@ impl Store {
     }
 
     /// Usage events in insertion-time order, newest last (at most `limit`), optionally of one request.
-    pub async fn usage_events(&self, request_id: Option<&str>, limit: i64) -> Result<Vec<UsageEvent>> {
+    pub async fn usage_events(
+        &self,
+        request_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<UsageEvent>> {
         dispatch!(self, s => s.usage_events(request_id, limit).await)
     }
 
@@ -377,6 +399,10 @@ impl Store {
     /// The stored amount of one counter window (zero if absent).
     pub async fn counter(&self, key: &CounterKey, bucket: i64) -> Result<Amount> {
         let rows = self.load_counters(&[(key.budget.clone(), bucket)]).await?;
-        Ok(rows.into_iter().find(|(k, _, _)| k == key).map(|(_, _, a)| a).unwrap_or_default())
+        Ok(rows
+            .into_iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, _, a)| a)
+            .unwrap_or_default())
     }
 }

@@ -38,7 +38,13 @@ impl PgStore {
     pub async fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
         let cfg = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid database URL: {e}")))?;
-        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
         let pool = Pool::builder(mgr)
             .max_size(pool_size.max(1))
             .wait_timeout(Some(std::time::Duration::from_secs(5)))
@@ -65,7 +71,10 @@ impl PgStore {
         for (version, sql) in MIGRATIONS {
             let tx = c.transaction().await.map_err(db_err)?;
             let applied = tx
-                .query_opt("SELECT version FROM tb_schema WHERE version = $1", &[version])
+                .query_opt(
+                    "SELECT version FROM tb_schema WHERE version = $1",
+                    &[version],
+                )
                 .await
                 .map_err(db_err)?;
             if applied.is_some() {
@@ -157,10 +166,17 @@ impl PgStore {
             })
             .collect();
         tx.commit().await.map_err(db_err)?;
-        Ok(PolicyRows { version, budgets, prices })
+        Ok(PolicyRows {
+            version,
+            budgets,
+            prices,
+        })
     }
 
-    pub async fn load_counters(&self, windows: &[(BudgetId, i64)]) -> Result<Vec<(CounterKey, i64, Amount)>> {
+    pub async fn load_counters(
+        &self,
+        windows: &[(BudgetId, i64)],
+    ) -> Result<Vec<(CounterKey, i64, Amount)>> {
         let c = self.client().await?;
         let ids: Vec<&str> = windows.iter().map(|(b, _)| &*b.0).collect();
         let buckets: Vec<i64> = windows.iter().map(|(_, s)| *s).collect();
@@ -180,9 +196,15 @@ impl PgStore {
                 let id: String = r.get(0);
                 let member: String = r.get(1);
                 (
-                    CounterKey { budget: BudgetId(id.into()), member: member.into() },
+                    CounterKey {
+                        budget: BudgetId(id.into()),
+                        member: member.into(),
+                    },
                     r.get(2),
-                    Amount { tokens: to_u64(r.get(3)), nanos: to_u64(r.get(4)) },
+                    Amount {
+                        tokens: to_u64(r.get(3)),
+                        nanos: to_u64(r.get(4)),
+                    },
                 )
             })
             .collect())
@@ -225,10 +247,16 @@ impl PgStore {
                 )
                 .await
                 .map_err(db_err)?;
-            let new: std::collections::HashSet<String> = inserted.into_iter().map(|r| r.get(0)).collect();
+            let new: std::collections::HashSet<String> =
+                inserted.into_iter().map(|r| r.get(0)).collect();
             outcome.inserted = new.len();
             outcome.duplicates = batch.debits.len() - new.len();
-            let agg = Aggregates::of(batch.debits.iter().filter(|d| new.contains(&d.event.event_id)));
+            let agg = Aggregates::of(
+                batch
+                    .debits
+                    .iter()
+                    .filter(|d| new.contains(&d.event.event_id)),
+            );
 
             if !agg.counters.is_empty() {
                 let (mut b, mut s, mut m, mut t, mut n) = (vec![], vec![], vec![], vec![], vec![]);
@@ -251,7 +279,8 @@ impl PgStore {
                 .map_err(db_err)?;
             }
             if !agg.hourly.is_empty() {
-                let (mut h, mut p, mut m, mut r, mut t, mut n) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+                let (mut h, mut p, mut m, mut r, mut t, mut n) =
+                    (vec![], vec![], vec![], vec![], vec![], vec![]);
                 for ((hour, principal, model), (req, tok, nanos)) in &agg.hourly {
                     h.push(*hour);
                     p.push(principal.as_str());
@@ -276,8 +305,8 @@ impl PgStore {
 
         if !batch.denies.is_empty() {
             let d = &batch.denies;
-            let s = |f: fn(&DenyEvent) -> &str| d.iter().map(|e| f(e)).collect::<Vec<&str>>();
-            let i = |f: fn(&DenyEvent) -> i64| d.iter().map(|e| f(e)).collect::<Vec<i64>>();
+            let s = |f: fn(&DenyEvent) -> &str| d.iter().map(&f).collect::<Vec<&str>>();
+            let i = |f: fn(&DenyEvent) -> i64| d.iter().map(&f).collect::<Vec<i64>>();
             tx.execute(
                 "INSERT INTO tb_deny_events (event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
@@ -328,7 +357,10 @@ impl PgStore {
     pub async fn delete_budget(&self, name: &str) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let n = tx.execute("DELETE FROM tb_budgets WHERE name = $1", &[&name]).await.map_err(db_err)?;
+        let n = tx
+            .execute("DELETE FROM tb_budgets WHERE name = $1", &[&name])
+            .await
+            .map_err(db_err)?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("budget {name:?}")));
         }
@@ -384,7 +416,11 @@ impl PgStore {
             .collect())
     }
 
-    pub async fn usage_events(&self, request_id: Option<&str>, limit: i64) -> Result<Vec<UsageEvent>> {
+    pub async fn usage_events(
+        &self,
+        request_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<UsageEvent>> {
         let c = self.client().await?;
         let rows = c
             .query(
@@ -447,8 +483,11 @@ impl PgStore {
 }
 
 async fn bump_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<()> {
-    tx.execute("UPDATE tb_policy_version SET version = version + 1 WHERE id = 1", &[])
-        .await
-        .map_err(db_err)?;
+    tx.execute(
+        "UPDATE tb_policy_version SET version = version + 1 WHERE id = 1",
+        &[],
+    )
+    .await
+    .map_err(db_err)?;
     Ok(())
 }

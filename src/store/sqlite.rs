@@ -20,10 +20,10 @@ pub struct SqliteStore {
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
-    if let rusqlite::Error::SqliteFailure(f, msg) = &e {
-        if f.code == rusqlite::ErrorCode::ConstraintViolation {
-            return StoreError::Conflict(msg.clone().unwrap_or_else(|| e.to_string()));
-        }
+    if let rusqlite::Error::SqliteFailure(f, msg) = &e
+        && f.code == rusqlite::ErrorCode::ConstraintViolation
+    {
+        return StoreError::Conflict(msg.clone().unwrap_or_else(|| e.to_string()));
     }
     StoreError::Unavailable(e.to_string())
 }
@@ -42,7 +42,9 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))??;
-        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)) })
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     async fn with<T: Send + 'static>(
@@ -51,7 +53,9 @@ impl SqliteStore {
     ) -> Result<T> {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| StoreError::Unavailable("sqlite connection poisoned".into()))?;
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("sqlite connection poisoned".into()))?;
             f(&mut guard)
         })
         .await
@@ -84,8 +88,12 @@ impl SqliteStore {
 
     pub async fn policy_version(&self) -> Result<i64> {
         self.with(|c| {
-            c.query_row("SELECT version FROM tb_policy_version WHERE id = 1", [], |r| r.get(0))
-                .map_err(db_err)
+            c.query_row(
+                "SELECT version FROM tb_policy_version WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)
         })
         .await
     }
@@ -159,7 +167,10 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn load_counters(&self, windows: &[(BudgetId, i64)]) -> Result<Vec<(CounterKey, i64, Amount)>> {
+    pub async fn load_counters(
+        &self,
+        windows: &[(BudgetId, i64)],
+    ) -> Result<Vec<(CounterKey, i64, Amount)>> {
         let windows = windows.to_vec();
         self.with(move |c| {
             let mut st = c
@@ -312,7 +323,9 @@ impl SqliteStore {
         let name = name.to_owned();
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
-            let n = tx.execute("DELETE FROM tb_budgets WHERE name = ?1", [&name]).map_err(db_err)?;
+            let n = tx
+                .execute("DELETE FROM tb_budgets WHERE name = ?1", [&name])
+                .map_err(db_err)?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("budget {name:?}")));
             }
@@ -374,7 +387,11 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn usage_events(&self, request_id: Option<&str>, limit: i64) -> Result<Vec<UsageEvent>> {
+    pub async fn usage_events(
+        &self,
+        request_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<UsageEvent>> {
         let request_id = request_id.map(str::to_owned);
         self.with(move |c| {
             let mut st = c
@@ -441,7 +458,10 @@ impl SqliteStore {
 }
 
 fn bump_version(tx: &rusqlite::Transaction<'_>) -> Result<()> {
-    tx.execute("UPDATE tb_policy_version SET version = version + 1 WHERE id = 1", [])
-        .map_err(db_err)?;
+    tx.execute(
+        "UPDATE tb_policy_version SET version = version + 1 WHERE id = 1",
+        [],
+    )
+    .map_err(db_err)?;
     Ok(())
 }

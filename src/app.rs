@@ -1,0 +1,164 @@
+//! Wiring and the start/stop order. The only module that knows every other one.
+//!
+//! Start: open the store (and migrate) → load policy and counters → bind gRPC and admin ports →
+//! start the batch writer and both servers.
+//! Stop: stop accepting ext_proc streams and let open ones finish (up to the grace period; each
+//! settles as it ends) → stop the writer, which flushes every queued debit → stop the admin port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::{self, AdminState};
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::extproc::ExtProcService;
+use crate::ledger::{Ledger, PolicySettings, writer};
+use crate::store::Store;
+
+/// gRPC health service name Envoy's health checks ask for.
+pub const HEALTH_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub ledger: Arc<Ledger>,
+    pub store: Store,
+    pub extproc: ExtProcService,
+    stop_grpc: watch::Sender<bool>,
+    stop_writer: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    writer: JoinHandle<()>,
+    admin: JoinHandle<std::io::Result<()>>,
+    grace: Duration,
+}
+
+pub async fn open_store(config: &Config, clock: &SharedClock) -> anyhow::Result<Store> {
+    let store = Store::open(&config.store)
+        .await
+        .context("opening the store")?;
+    if config.migrate_on_start {
+        store
+            .migrate(clock.now().timestamp_millis())
+            .await
+            .context("migrating the store")?;
+    }
+    Ok(store)
+}
+
+pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running> {
+    let store = open_store(&config, &clock).await?;
+    let ledger = Ledger::new(
+        PolicySettings {
+            tz: config.timezone,
+            unpriced: config.unpriced,
+        },
+        Arc::clone(&clock),
+        config.queue_capacity,
+    );
+    writer::load(&ledger, &store)
+        .await
+        .context("loading budgets and counters")?;
+
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("binding gRPC on {}", config.grpc_listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin HTTP on {}", config.admin_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let (stop_writer, writer_rx) = watch::channel(false);
+    let writer = tokio::spawn(writer::run(
+        Arc::clone(&ledger),
+        store.clone(),
+        config.writer,
+        writer_rx,
+    ));
+
+    let extproc = ExtProcService::new(config.extproc.clone(), Arc::clone(&ledger));
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
+    let (stop_grpc, mut grpc_rx) = watch::channel(false);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(4 << 20))
+        // Envoy resets one stream per client disconnect; under a burst of disconnects the default
+        // guard (~20 pending resets) would close Envoy's only connection and fail every request on it.
+        .http2_max_pending_accept_reset_streams(Some(100_000))
+        .http2_max_local_error_reset_streams(Some(100_000))
+        .add_service(health_svc)
+        .add_service(
+            ExternalProcessorServer::new(extproc.clone()).max_decoding_message_size(16 << 20),
+        );
+    let grpc = tokio::spawn(server.serve_with_incoming_shutdown(
+        TcpListenerStream::new(grpc_listener),
+        async move {
+            let _ = grpc_rx.wait_for(|stop| *stop).await;
+        },
+    ));
+
+    let (stop_admin, mut admin_rx) = watch::channel(false);
+    let app = admin::router(AdminState {
+        ledger: Arc::clone(&ledger),
+    });
+    let admin = tokio::spawn(async move {
+        axum::serve(admin_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = admin_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(%grpc_addr, %admin_addr, store = store.backend(), "tokenbudget serving");
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        ledger,
+        store,
+        extproc,
+        stop_grpc,
+        stop_writer,
+        stop_admin,
+        grpc,
+        writer,
+        admin,
+        grace: config.shutdown_grace,
+    })
+}
+
+impl Running {
+    /// Graceful stop: drain streams (up to the grace period), flush debits, close ports.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop_grpc.send(true);
+        match tokio::time::timeout(self.grace, self.grpc).await {
+            Ok(r) => r.context("gRPC server task")?.context("gRPC server")?,
+            Err(_) => tracing::warn!(
+                open_streams = self.extproc.active_streams(),
+                "grace period over with streams still open; they are settled as aborted"
+            ),
+        }
+        let _ = self.stop_writer.send(true);
+        self.writer.await.context("writer task")?;
+        let _ = self.stop_admin.send(true);
+        self.admin
+            .await
+            .context("admin task")?
+            .context("admin server")?;
+        tracing::info!(queued = self.ledger.queue_depth(), "tokenbudget stopped");
+        Ok(())
+    }
+}

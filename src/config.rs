@@ -1,0 +1,535 @@
+//! Configuration: a TOML file (`--config` or `TOKENBUDGET_CONFIG`), then `TOKENBUDGET_*`
+//! environment overrides, validated into [`Config`] before any port is bound. Every error names
+//! the key at fault. Unknown keys are errors (a typo must not silently keep a default).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::extproc::ExtProcConfig;
+use crate::identity::{IdentityConfig, Source};
+use crate::ledger::writer::WriterConfig;
+use crate::meter::MeterLimits;
+use crate::policy::UnpricedModel;
+use crate::store::StoreTarget;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct Raw {
+    server: RawServer,
+    store: RawStore,
+    identity: RawIdentity,
+    admission: RawAdmission,
+    metering: RawMetering,
+    ledger: RawLedger,
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    grpc_listen: String,
+    admin_listen: String,
+    shutdown_grace_seconds: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            grpc_listen: "127.0.0.1:9002".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    database_url: String,
+    sqlite_path: String,
+    pool_size: usize,
+    migrate_on_start: bool,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            database_url: String::new(),
+            sqlite_path: "tokenbudget.db".into(),
+            pool_size: 8,
+            migrate_on_start: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawIdentity {
+    sources: Vec<String>,
+    principal_header: String,
+    groups_header: String,
+    kind_header: String,
+    jwt_namespace: String,
+    jwt_payload_key: String,
+    jwt_principal_claims: Vec<String>,
+    jwt_groups_claim: String,
+    anonymous: String,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        let d = IdentityConfig::default();
+        RawIdentity {
+            sources: vec!["header".into(), "jwt".into()],
+            principal_header: d.principal_header,
+            groups_header: d.groups_header,
+            kind_header: d.kind_header,
+            jwt_namespace: d.jwt_namespace,
+            jwt_payload_key: d.jwt_payload_key,
+            jwt_principal_claims: d.jwt_principal_claims,
+            jwt_groups_claim: d.jwt_groups_claim,
+            anonymous: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmission {
+    timezone: String,
+    default_output_tokens: u64,
+    max_output_reservation: u64,
+    unpriced_model: String,
+    inject_include_usage: bool,
+    always_read_body: bool,
+}
+
+impl Default for RawAdmission {
+    fn default() -> Self {
+        let d = ExtProcConfig::default();
+        RawAdmission {
+            timezone: "UTC".into(),
+            default_output_tokens: d.default_output_tokens,
+            max_output_reservation: 0,
+            unpriced_model: "deny".into(),
+            inject_include_usage: d.inject_include_usage,
+            always_read_body: d.always_read_body,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetering {
+    max_event_bytes: usize,
+    json_tail_bytes: usize,
+}
+
+impl Default for RawMetering {
+    fn default() -> Self {
+        let d = MeterLimits::default();
+        RawMetering {
+            max_event_bytes: d.max_event,
+            json_tail_bytes: d.json_tail,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLedger {
+    flush_interval_ms: u64,
+    batch_max: usize,
+    queue_capacity: usize,
+    sync_interval_ms: u64,
+}
+
+impl Default for RawLedger {
+    fn default() -> Self {
+        RawLedger {
+            flush_interval_ms: 100,
+            batch_max: 1000,
+            queue_capacity: 100_000,
+            sync_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+    format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub store: StoreTarget,
+    pub migrate_on_start: bool,
+    pub extproc: ExtProcConfig,
+    pub timezone: chrono_tz::Tz,
+    pub unpriced: UnpricedModel,
+    pub writer: WriterConfig,
+    pub queue_capacity: usize,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+/// Environment overrides, applied after the file.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("TOKENBUDGET_DATABASE_URL", "store.database_url"),
+    ("TOKENBUDGET_SQLITE_PATH", "store.sqlite_path"),
+    ("TOKENBUDGET_GRPC_LISTEN", "server.grpc_listen"),
+    ("TOKENBUDGET_ADMIN_LISTEN", "server.admin_listen"),
+    ("TOKENBUDGET_TIMEZONE", "admission.timezone"),
+    ("TOKENBUDGET_LOG", "log.level"),
+];
+
+impl Config {
+    /// Reads `path` (if any) and applies overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| err("config", format!("cannot read {}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        Config::parse(&text, env)
+    }
+
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut raw: Raw = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let key = e
+                .span()
+                .map(|s| locate(text, s.start))
+                .unwrap_or_else(|| "config".into());
+            err(&key, msg)
+        })?;
+        for (var, key) in ENV_OVERRIDES {
+            if let Some(v) = env(var) {
+                match *key {
+                    "store.database_url" => raw.store.database_url = v,
+                    "store.sqlite_path" => raw.store.sqlite_path = v,
+                    "server.grpc_listen" => raw.server.grpc_listen = v,
+                    "server.admin_listen" => raw.server.admin_listen = v,
+                    "admission.timezone" => raw.admission.timezone = v,
+                    "log.level" => raw.log.level = v,
+                    _ => {}
+                }
+            }
+        }
+        Config::validate(raw)
+    }
+
+    fn validate(raw: Raw) -> Result<Config, ConfigError> {
+        let addr = |key: &str, v: &str| -> Result<SocketAddr, ConfigError> {
+            v.parse().map_err(|_| {
+                err(
+                    key,
+                    format!("expected host:port like 127.0.0.1:9002, got {v:?}"),
+                )
+            })
+        };
+        let store = if raw.store.database_url.trim().is_empty() {
+            if raw.store.sqlite_path.trim().is_empty() {
+                return Err(err(
+                    "store.sqlite_path",
+                    "must be set when store.database_url is empty",
+                ));
+            }
+            StoreTarget::Sqlite {
+                path: PathBuf::from(raw.store.sqlite_path),
+            }
+        } else {
+            let url = raw.store.database_url.trim().to_owned();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(err(
+                    "store.database_url",
+                    "expected a postgres:// or postgresql:// URL",
+                ));
+            }
+            if raw.store.pool_size == 0 {
+                return Err(err("store.pool_size", "must be at least 1"));
+            }
+            StoreTarget::Postgres {
+                url,
+                pool_size: raw.store.pool_size,
+            }
+        };
+
+        let mut sources = Vec::new();
+        for s in &raw.identity.sources {
+            sources.push(match s.as_str() {
+                "header" => Source::Header,
+                "jwt" => Source::Jwt,
+                other => {
+                    return Err(err(
+                        "identity.sources",
+                        format!("unknown source {other:?}; allowed: header, jwt"),
+                    ));
+                }
+            });
+        }
+        if sources.is_empty() && raw.identity.anonymous.is_empty() {
+            return Err(err(
+                "identity.sources",
+                "list at least one source, or set identity.anonymous",
+            ));
+        }
+        let lower = |key: &str, v: String| -> Result<String, ConfigError> {
+            if v.is_empty()
+                || v.bytes()
+                    .any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace())
+            {
+                return Err(err(key, "header names must be non-empty lower-case"));
+            }
+            Ok(v)
+        };
+        let i = raw.identity;
+        let identity = IdentityConfig {
+            sources,
+            principal_header: lower("identity.principal_header", i.principal_header)?,
+            groups_header: lower("identity.groups_header", i.groups_header)?,
+            kind_header: lower("identity.kind_header", i.kind_header)?,
+            jwt_namespace: i.jwt_namespace,
+            jwt_payload_key: i.jwt_payload_key,
+            jwt_principal_claims: i.jwt_principal_claims,
+            jwt_groups_claim: i.jwt_groups_claim,
+            anonymous: (!i.anonymous.is_empty()).then_some(i.anonymous),
+        };
+
+        let a = raw.admission;
+        let timezone: chrono_tz::Tz = a.timezone.parse().map_err(|_| {
+            err(
+                "admission.timezone",
+                format!(
+                    "unknown time zone {:?}; use an IANA name like Europe/Paris",
+                    a.timezone
+                ),
+            )
+        })?;
+        let unpriced = match a.unpriced_model.as_str() {
+            "deny" => UnpricedModel::Deny,
+            "allow" => UnpricedModel::Allow,
+            other => {
+                return Err(err(
+                    "admission.unpriced_model",
+                    format!("expected deny or allow, got {other:?}"),
+                ));
+            }
+        };
+        if raw.metering.max_event_bytes < 1024 {
+            return Err(err("metering.max_event_bytes", "must be at least 1024"));
+        }
+        if raw.metering.json_tail_bytes < 1024 {
+            return Err(err("metering.json_tail_bytes", "must be at least 1024"));
+        }
+        let l = raw.ledger;
+        if l.batch_max == 0 {
+            return Err(err("ledger.batch_max", "must be at least 1"));
+        }
+        if l.flush_interval_ms == 0 || l.sync_interval_ms == 0 {
+            return Err(err(
+                if l.flush_interval_ms == 0 {
+                    "ledger.flush_interval_ms"
+                } else {
+                    "ledger.sync_interval_ms"
+                },
+                "must be at least 1",
+            ));
+        }
+        let log_format = match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "log.format",
+                    format!("expected text or json, got {other:?}"),
+                ));
+            }
+        };
+        Ok(Config {
+            grpc_listen: addr("server.grpc_listen", &raw.server.grpc_listen)?,
+            admin_listen: addr("server.admin_listen", &raw.server.admin_listen)?,
+            shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),
+            store,
+            migrate_on_start: raw.store.migrate_on_start,
+            extproc: ExtProcConfig {
+                identity,
+                default_output_tokens: a.default_output_tokens,
+                max_output_reservation: (a.max_output_reservation > 0)
+                    .then_some(a.max_output_reservation),
+                inject_include_usage: a.inject_include_usage,
+                always_read_body: a.always_read_body,
+                meter: MeterLimits {
+                    max_event: raw.metering.max_event_bytes,
+                    json_tail: raw.metering.json_tail_bytes,
+                },
+            },
+            timezone,
+            unpriced,
+            writer: WriterConfig {
+                flush_interval: Duration::from_millis(l.flush_interval_ms),
+                batch_max: l.batch_max,
+                sync_interval: Duration::from_millis(l.sync_interval_ms),
+                drain_deadline: Duration::from_secs(raw.server.shutdown_grace_seconds.max(1)),
+            },
+            queue_capacity: l.queue_capacity,
+            log_level: raw.log.level,
+            log_format,
+        })
+    }
+}
+
+/// The dotted key path of the TOML table/key around byte `offset`, for error messages.
+fn locate(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let table = before
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let t = l.trim();
+            (t.starts_with('[') && t.ends_with(']'))
+                .then(|| t.trim_matches(['[', ']']).trim().to_owned())
+        })
+        .unwrap_or_default();
+    let line = text[offset.min(text.len())..].lines().next().unwrap_or("");
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let full_line = text[line_start..].lines().next().unwrap_or(line);
+    let key = full_line.split('=').next().unwrap_or("").trim();
+    match (table.is_empty(), key.is_empty() || key.starts_with('[')) {
+        (true, true) => "config".into(),
+        (true, false) => key.into(),
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn check_error(text: &str, key: &str, contains: &str) {
+        let e = Config::parse(text, &no_env).expect_err(text);
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.message.contains(contains), "{e}");
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::parse("", &no_env).unwrap();
+        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:9002");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(
+            c.store,
+            StoreTarget::Sqlite {
+                path: "tokenbudget.db".into()
+            }
+        );
+        assert_eq!(c.unpriced, UnpricedModel::Deny);
+        assert!(c.extproc.identity.anonymous.is_none());
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let env = |k: &str| {
+            (k == "TOKENBUDGET_DATABASE_URL").then(|| "postgres://u@db:5432/tb".to_string())
+        };
+        let c = Config::parse("[store]\nsqlite_path = \"x.db\"\n", &env).unwrap();
+        assert_eq!(
+            c.store,
+            StoreTarget::Postgres {
+                url: "postgres://u@db:5432/tb".into(),
+                pool_size: 8
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_offending_key() {
+        check_error(
+            "[server]\ngrpc_listen = \"nope\"\n",
+            "server.grpc_listen",
+            "host:port",
+        );
+        check_error(
+            "[admission]\ntimezone = \"Mars/Base\"\n",
+            "admission.timezone",
+            "Mars/Base",
+        );
+        check_error(
+            "[admission]\nunpriced_model = \"free\"\n",
+            "admission.unpriced_model",
+            "deny or allow",
+        );
+        check_error(
+            "[identity]\nsources = [\"cookie\"]\n",
+            "identity.sources",
+            "cookie",
+        );
+        check_error(
+            "[store]\ndatabase_url = \"mysql://x\"\n",
+            "store.database_url",
+            "postgres",
+        );
+        check_error(
+            "[ledger]\nbatch_max = 0\n",
+            "ledger.batch_max",
+            "at least 1",
+        );
+        check_error(
+            "[server]\ngrpc_port = 1\n",
+            "server.grpc_port",
+            "unknown field",
+        );
+        check_error(
+            "[admission]\ndefault_output_tokens = \"many\"\n",
+            "admission.default_output_tokens",
+            "invalid type",
+        );
+        check_error("[log]\nformat = \"xml\"\n", "log.format", "text or json");
+    }
+}

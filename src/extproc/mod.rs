@@ -1,0 +1,150 @@
+//! The Envoy boundary: the `ExternalProcessor` gRPC service.
+//!
+//! One task and one [`StreamState`] per Envoy stream (= per HTTP request). The task answers every
+//! message in order, exactly once (never in observability mode), sends body-chunk replies before
+//! metering the chunk, and settles the request when the stream ends however it ends: end of
+//! stream, clean close, client abort or reset.
+//!
+//! **Invariant:** no await on the store, no lock, and no allocation beyond the message itself
+//! between receiving a response body chunk and replying to it.
+//! **Boundary:** knows the ledger's `admit`/`settle`/`release`, never the store.
+
+pub mod reply;
+pub mod request;
+pub mod stream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
+use ep::external_processor_server::ExternalProcessor;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::identity::IdentityConfig;
+use crate::ledger::Ledger;
+use crate::meter::MeterLimits;
+pub use request::Family;
+pub use stream::{End, RouteHints, Step, StreamState};
+
+/// Settings of the request path.
+#[derive(Debug, Clone)]
+pub struct ExtProcConfig {
+    pub identity: IdentityConfig,
+    /// Output tokens reserved when the request sets no bound.
+    pub default_output_tokens: u64,
+    /// Caps the output part of a reservation (clients that always send huge `max_tokens`).
+    pub max_output_reservation: Option<u64>,
+    /// Add `stream_options.include_usage` to streamed OpenAI chat requests that lack it.
+    pub inject_include_usage: bool,
+    /// Buffer the request body even when the model is known (for prompt estimates).
+    pub always_read_body: bool,
+    pub meter: MeterLimits,
+}
+
+impl Default for ExtProcConfig {
+    fn default() -> Self {
+        ExtProcConfig {
+            identity: IdentityConfig::default(),
+            default_output_tokens: 1024,
+            max_output_reservation: None,
+            inject_include_usage: true,
+            always_read_body: false,
+            meter: MeterLimits::default(),
+        }
+    }
+}
+
+pub struct Shared {
+    pub config: ExtProcConfig,
+    pub ledger: Arc<Ledger>,
+    pub active_streams: AtomicI64,
+}
+
+#[derive(Clone)]
+pub struct ExtProcService {
+    shared: Arc<Shared>,
+}
+
+impl ExtProcService {
+    pub fn new(config: ExtProcConfig, ledger: Arc<Ledger>) -> Self {
+        ExtProcService {
+            shared: Arc::new(Shared {
+                config,
+                ledger,
+                active_streams: AtomicI64::new(0),
+            }),
+        }
+    }
+
+    pub fn active_streams(&self) -> i64 {
+        self.shared.active_streams.load(Ordering::Relaxed)
+    }
+}
+
+/// Route hints from the gRPC initial metadata Envoy attaches per route.
+fn hints(md: &tonic::metadata::MetadataMap) -> RouteHints {
+    let get = |k: &str| {
+        md.get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    RouteHints {
+        family: get("x-tokenbudget-family").and_then(Family::parse),
+        model: get("x-tokenbudget-model").map(str::to_owned),
+        inject_usage: get("x-tokenbudget-inject-usage").map(|v| v == "true"),
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProcService {
+    type ProcessStream = ReceiverStream<Result<ep::ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ep::ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let hints = hints(request.metadata());
+        let inbound = request.into_inner();
+        // Replies are sent in order and Envoy pipelines body chunks: a few slots suffice.
+        let (tx, rx) = mpsc::channel(8);
+        let state = StreamState::new(Arc::clone(&self.shared), hints);
+        tokio::spawn(run_stream(Arc::clone(&self.shared), state, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn run_stream(
+    shared: Arc<Shared>,
+    mut state: StreamState,
+    mut inbound: Streaming<ep::ProcessingRequest>,
+    tx: mpsc::Sender<Result<ep::ProcessingResponse, Status>>,
+) {
+    shared.active_streams.fetch_add(1, Ordering::Relaxed);
+    let end = loop {
+        match inbound.message().await {
+            Ok(Some(msg)) => {
+                let observe = msg.observability_mode;
+                let sent = match state.on_message(msg) {
+                    Step::NoReply => true,
+                    Step::Reply(r) => observe || tx.send(Ok(r)).await.is_ok(),
+                    Step::ReplyThenMeter(r, body, eos) => {
+                        let ok = observe || tx.send(Ok(r)).await.is_ok();
+                        state.meter_chunk(&body, eos);
+                        ok
+                    }
+                };
+                if !sent {
+                    break End::Aborted;
+                }
+            }
+            // Envoy half-closed: drop our sender (below) so tonic ends the stream with OK.
+            Ok(None) => break End::Closed,
+            Err(_) => break End::Aborted,
+        }
+    };
+    state.finish(end);
+    shared.active_streams.fetch_sub(1, Ordering::Relaxed);
+}

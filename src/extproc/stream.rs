@@ -1,0 +1,408 @@
+//! One Envoy ext_proc stream = one HTTP request. A synchronous, IO-free state machine: each
+//! inbound message yields exactly one reply (or none in observability mode); the task in `mod.rs`
+//! sends it and, for response body chunks, feeds the chunk to the meter *after* sending.
+//!
+//! Life of a request: request headers (identity, route) → [buffered request body (model, bounds,
+//! stream; maybe inject include_usage)] → decide and reserve → response headers (flip the body to
+//! STREAMED for metering; budget headers) → body chunks (metered) → end of stream → settle once.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
+use ep::processing_request::Request as In;
+
+use super::Shared;
+use super::reply;
+use super::request::{self, BodyFacts, Family};
+use crate::identity::Evidence;
+use crate::meter::{BodyFormat, Meter, Metered, estimate_tokens};
+use crate::policy::{Admission, Ask, BudgetStatus, Principal, Reservation, TokenClasses};
+use crate::store::DenyEvent;
+
+/// Per-route hints Envoy sends as gRPC initial metadata (`grpc_initial_metadata` on the route).
+#[derive(Debug, Clone, Default)]
+pub struct RouteHints {
+    pub family: Option<Family>,
+    pub model: Option<String>,
+    pub inject_usage: Option<bool>,
+}
+
+/// What the task does with a message after computing the reply.
+pub enum Step {
+    NoReply,
+    Reply(ep::ProcessingResponse),
+    /// A response body chunk: send the reply, then meter the bytes.
+    ReplyThenMeter(ep::ProcessingResponse, Vec<u8>, bool),
+}
+
+/// How the stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Envoy closed its side cleanly.
+    Closed,
+    /// The stream failed: client disconnect, reset, Envoy gave up.
+    Aborted,
+}
+
+enum Phase {
+    /// Waiting for request headers.
+    Start,
+    /// Buffering the request body before deciding.
+    AwaitingBody,
+    /// Admitted: holds a reservation (possibly on no budget at all).
+    Admitted,
+    /// Response headers were 2xx: metering the body.
+    Metering,
+    /// Nothing left to do (denied, settled, released).
+    Done,
+}
+
+pub struct StreamState {
+    shared: Arc<Shared>,
+    hints: RouteHints,
+    phase: Phase,
+    request_id: String,
+    principal: Option<Principal>,
+    family: Family,
+    model: Option<String>,
+    body: Vec<u8>,
+    facts: BodyFacts,
+    prompt_estimate: u64,
+    reservation: Reservation,
+    binding: Option<BudgetStatus>,
+    meter: Option<Meter>,
+}
+
+fn header_value<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
+    let h = headers.iter().find(|h| h.key == name)?;
+    if h.raw_value.is_empty() {
+        Some(h.value.as_str())
+    } else {
+        std::str::from_utf8(&h.raw_value).ok()
+    }
+}
+
+impl StreamState {
+    pub fn new(shared: Arc<Shared>, hints: RouteHints) -> Self {
+        StreamState {
+            shared,
+            hints,
+            phase: Phase::Start,
+            request_id: String::new(),
+            principal: None,
+            family: Family::OpenAi,
+            model: None,
+            body: Vec::new(),
+            facts: BodyFacts::default(),
+            prompt_estimate: 0,
+            reservation: Reservation::default(),
+            binding: None,
+            meter: None,
+        }
+    }
+
+    /// Bytes this stream holds beyond its fixed size (for memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.body.capacity() + self.meter.as_ref().map_or(0, Meter::buffered)
+    }
+
+    pub fn on_message(&mut self, msg: ep::ProcessingRequest) -> Step {
+        let Some(req) = msg.request else {
+            // A message with no phase (flow control only) expects no reply.
+            return Step::NoReply;
+        };
+        match req {
+            In::RequestHeaders(h) => {
+                Step::Reply(self.on_request_headers(h, msg.metadata_context.as_ref()))
+            }
+            In::RequestBody(b) => Step::Reply(self.on_request_body(b)),
+            In::RequestTrailers(_) => Step::Reply(reply::trailers_pass(true)),
+            In::ResponseHeaders(h) => Step::Reply(self.on_response_headers(h)),
+            In::ResponseBody(b) => {
+                Step::ReplyThenMeter(reply::body_pass(false), b.body, b.end_of_stream)
+            }
+            In::ResponseTrailers(_) => {
+                self.finish(End::Closed);
+                Step::Reply(reply::trailers_pass(false))
+            }
+        }
+    }
+
+    fn on_request_headers(
+        &mut self,
+        h: ep::HttpHeaders,
+        metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
+    ) -> ep::ProcessingResponse {
+        let headers = h.headers.map(|m| m.headers).unwrap_or_default();
+        let get = |name: &str| header_value(&headers, name);
+        self.request_id =
+            get("x-request-id").map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
+        let route = request::route_facts(get(":path").unwrap_or("/"));
+        self.family = self.hints.family.unwrap_or(route.family);
+        self.model = self.hints.model.clone().or(route.model);
+
+        let evidence = Evidence {
+            header: &get,
+            metadata: metadata.map(|m| &m.filter_metadata),
+        };
+        self.principal = self.shared.config.identity.resolve(&evidence);
+        if self.principal.is_none() {
+            self.phase = Phase::Done;
+            tracing::debug!(request_id = %self.request_id, "no identity");
+            return reply::no_identity(self.family);
+        }
+        let has_body = !h.end_of_stream && get(":method") == Some("POST");
+        let inject = self
+            .hints
+            .inject_usage
+            .unwrap_or(self.shared.config.inject_include_usage)
+            && self.family == Family::OpenAi;
+        if has_body && (self.model.is_none() || inject || self.shared.config.always_read_body) {
+            self.phase = Phase::AwaitingBody;
+            return reply::request_headers(Some(reply::buffer_request_body()));
+        }
+        match self.decide() {
+            Ok(()) => reply::request_headers(None),
+            Err(deny) => *deny,
+        }
+    }
+
+    fn on_request_body(&mut self, b: ep::HttpBody) -> ep::ProcessingResponse {
+        if !matches!(self.phase, Phase::AwaitingBody) {
+            return reply::body_pass(true);
+        }
+        if self.body.is_empty() {
+            self.body = b.body;
+        } else {
+            self.body.extend_from_slice(&b.body);
+        }
+        if !b.end_of_stream {
+            return reply::body_pass(true);
+        }
+        let body = std::mem::take(&mut self.body);
+        let mut replaced = None;
+        match request::body_facts(&body) {
+            Some(facts) => {
+                if self.model.is_none() {
+                    self.model = facts.model.clone();
+                }
+                let inject = self
+                    .hints
+                    .inject_usage
+                    .unwrap_or(self.shared.config.inject_include_usage)
+                    && self.family == Family::OpenAi;
+                if inject {
+                    replaced = request::inject_include_usage(&body, &facts);
+                }
+                self.facts = facts;
+            }
+            // Not JSON: the upstream owns that error. Admit against what applies, meter by estimate.
+            None => {
+                self.facts = BodyFacts {
+                    prompt_bytes: body.len() as u64,
+                    choices: 1,
+                    ..BodyFacts::default()
+                }
+            }
+        }
+        if let Err(deny) = self.decide() {
+            return *deny;
+        }
+        match replaced {
+            Some(new_body) => reply::request_body_replaced(new_body),
+            None => reply::body_pass(true),
+        }
+    }
+
+    /// Admission from memory. On deny returns the local reply and records the deny event.
+    fn decide(&mut self) -> Result<(), Box<ep::ProcessingResponse>> {
+        let cfg = &self.shared.config;
+        let Some(principal) = self.principal.as_ref() else {
+            return Ok(());
+        };
+        self.prompt_estimate = estimate_tokens(self.facts.prompt_bytes);
+        let mut output = self.facts.max_output.unwrap_or(cfg.default_output_tokens);
+        if let Some(cap) = cfg.max_output_reservation {
+            output = output.min(cap);
+        }
+        let output = output.saturating_mul(self.facts.choices.max(1));
+        let ask = Ask {
+            principal,
+            model: self.model.as_deref(),
+            estimate: TokenClasses {
+                input: self.prompt_estimate,
+                output,
+                ..Default::default()
+            },
+        };
+        let ledger = &self.shared.ledger;
+        let admission = ledger.admit(&ask);
+        let now = ledger.clock().now();
+        let (shadow, outcome) = match admission {
+            Admission::Allowed {
+                reservation,
+                binding,
+                shadow,
+            } => {
+                self.reservation = reservation;
+                self.binding = binding;
+                self.phase = Phase::Admitted;
+                (shadow, Ok(()))
+            }
+            Admission::Denied { denial, shadow } => {
+                self.phase = Phase::Done;
+                tracing::info!(request_id = %self.request_id, principal = %principal.key(),
+                    budget = %denial.status.name, reason = ?denial.reason, "denied");
+                self.record_deny(&denial, "");
+                (
+                    shadow,
+                    Err(Box::new(reply::denied(
+                        &denial,
+                        self.family,
+                        &self.request_id,
+                        now,
+                    ))),
+                )
+            }
+        };
+        for d in &shadow {
+            tracing::info!(request_id = %self.request_id, budget = %d.status.name, reason = ?d.reason, "shadow budget would deny");
+            self.record_deny(d, "shadow:");
+        }
+        outcome
+    }
+
+    fn record_deny(&self, d: &crate::policy::Denial, prefix: &str) {
+        let reason = match d.reason {
+            crate::policy::DenyReason::Exhausted => "exhausted",
+            crate::policy::DenyReason::NeverFits => "never_fits",
+            crate::policy::DenyReason::ModelNotPriced => "model_not_priced",
+        };
+        let ledger = &self.shared.ledger;
+        ledger.record_deny(DenyEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            request_id: self.request_id.clone(),
+            ts_ms: ledger.clock().now().timestamp_millis(),
+            principal: self
+                .principal
+                .as_ref()
+                .map(Principal::key)
+                .unwrap_or_default(),
+            model: self.model.clone().unwrap_or_default(),
+            budget_name: d.status.name.clone(),
+            reason: format!("{prefix}{reason}"),
+            unit: d.status.unit.as_str().to_owned(),
+            used: d.status.used,
+            limit: d.status.limit,
+        });
+    }
+
+    fn on_response_headers(&mut self, h: ep::HttpHeaders) -> ep::ProcessingResponse {
+        if !matches!(self.phase, Phase::Admitted) {
+            return reply::response_headers(Vec::new(), None);
+        }
+        let headers = h.headers.map(|m| m.headers).unwrap_or_default();
+        let get = |name: &str| header_value(&headers, name);
+        let status: u16 = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let now = self.shared.ledger.clock().now();
+        let set = self
+            .binding
+            .as_ref()
+            .map(|b| reply::budget_headers(b, now))
+            .unwrap_or_default();
+        if !(200..300).contains(&status) {
+            // Upstream error: it carries no usage; the reservation is released.
+            self.shared.ledger.release(&self.reservation);
+            self.phase = Phase::Done;
+            return reply::response_headers(set, None);
+        }
+        let encoded = get("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
+        let format = if encoded {
+            BodyFormat::Opaque
+        } else {
+            BodyFormat::from_content_type(get("content-type").unwrap_or("").as_bytes())
+        };
+        self.meter = Some(Meter::new(format, self.shared.config.meter));
+        self.phase = Phase::Metering;
+        if h.end_of_stream {
+            self.finish(End::Closed);
+            return reply::response_headers(set, None);
+        }
+        reply::response_headers(set, Some(reply::stream_response_body()))
+    }
+
+    /// Meters a response body chunk (its reply was already sent).
+    pub fn meter_chunk(&mut self, chunk: &[u8], end_of_stream: bool) {
+        if let Some(m) = self.meter.as_mut() {
+            m.feed(chunk);
+        }
+        if end_of_stream {
+            self.finish(End::Closed);
+        }
+    }
+
+    /// Settles exactly once, however the stream ended.
+    pub fn finish(&mut self, end: End) {
+        let aborted = end == End::Aborted;
+        let metered = match self.phase {
+            Phase::Admitted => None,
+            Phase::Metering => self.meter.as_mut().map(Meter::finish),
+            Phase::Start | Phase::AwaitingBody | Phase::Done => {
+                self.phase = Phase::Done;
+                return;
+            }
+        };
+        self.phase = Phase::Done;
+        self.settle(metered, aborted);
+    }
+
+    fn settle(&mut self, metered: Option<Metered>, aborted: bool) {
+        let m = metered.unwrap_or_default();
+        let (tokens, reasoning, estimated) = match m.usage {
+            Some(u) => (
+                TokenClasses {
+                    input: u.input,
+                    cache_read: u.cache_read,
+                    cache_write: u.cache_write,
+                    output: u.output,
+                },
+                u.reasoning,
+                false,
+            ),
+            None => (
+                TokenClasses {
+                    input: self.prompt_estimate,
+                    output: estimate_tokens(m.text_bytes),
+                    ..Default::default()
+                },
+                0,
+                true,
+            ),
+        };
+        let outcome = match (aborted, m.usage.is_some()) {
+            (true, _) => "aborted",
+            (false, true) => "complete",
+            (false, false) => "no_usage",
+        };
+        if estimated || m.malformed > 0 {
+            tracing::info!(request_id = %self.request_id, outcome, malformed = m.malformed, "settling with estimated usage");
+        }
+        let principal = self
+            .principal
+            .as_ref()
+            .map(Principal::key)
+            .unwrap_or_default();
+        self.shared.ledger.settle(crate::ledger::Settlement {
+            reservation: std::mem::take(&mut self.reservation),
+            request_id: std::mem::take(&mut self.request_id),
+            principal,
+            model: self.model.clone().unwrap_or_else(|| "unknown".to_owned()),
+            family: self.family.as_str(),
+            tokens,
+            reasoning,
+            estimated,
+            outcome,
+        });
+    }
+}

@@ -1,0 +1,288 @@
+//! Admission state in memory, and the path of every debit to the store.
+//!
+//! [`Ledger`] owns the policy snapshot (swapped atomically), the counters and reservations
+//! ([`Counters`], behind one short mutex taken once at admission and once at settlement — never
+//! per body chunk), and the inbox of debits not yet written. The [`writer`] task drains the inbox
+//! in batches (one store transaction each), keeps the policy and counters fresh from the store,
+//! and flushes everything on shutdown.
+//!
+//! **Invariant:** each settled request enters the inbox exactly once; the inbox never drops a debit
+//! (when the store lags it grows past its soft capacity and `overflowed` counts it).
+//! **Boundary:** the hot path calls `admit`/`settle`/`release`/`record_deny`, which never await.
+
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use crate::clock::SharedClock;
+use crate::policy::{
+    Admission, Amount, Ask, BudgetId, Counters, Policy, PriceBook, Reservation, TokenClasses,
+    UnpricedModel,
+};
+use crate::store::{Batch, Debit, DenyEvent, PolicyRows, UsageEvent};
+
+/// Settings that shape the policy snapshot but are not stored.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicySettings {
+    pub tz: chrono_tz::Tz,
+    pub unpriced: UnpricedModel,
+}
+
+/// The outcome of one request's response, to be charged.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub reservation: Reservation,
+    pub request_id: String,
+    pub principal: String,
+    pub model: String,
+    pub family: &'static str,
+    pub tokens: TokenClasses,
+    pub reasoning: u64,
+    pub estimated: bool,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    pub settled: AtomicU64,
+    pub flushed: AtomicU64,
+    pub batches: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub overflowed: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inbox {
+    batch: Batch,
+}
+
+pub struct Ledger {
+    policy: ArcSwap<Policy>,
+    policy_version: AtomicU64,
+    settings: PolicySettings,
+    counters: Mutex<Counters>,
+    inbox: Mutex<Inbox>,
+    wake: Notify,
+    clock: SharedClock,
+    capacity: usize,
+    ready: AtomicBool,
+    store_ok: AtomicBool,
+    pub stats: LedgerStats,
+}
+
+impl Ledger {
+    pub fn new(settings: PolicySettings, clock: SharedClock, capacity: usize) -> Arc<Ledger> {
+        Arc::new(Ledger {
+            policy: ArcSwap::from_pointee(Policy::new(
+                Vec::new(),
+                PriceBook::default(),
+                settings.tz,
+                settings.unpriced,
+            )),
+            policy_version: AtomicU64::new(0),
+            settings,
+            counters: Mutex::new(Counters::default()),
+            inbox: Mutex::new(Inbox::default()),
+            wake: Notify::new(),
+            clock,
+            capacity,
+            ready: AtomicBool::new(false),
+            store_ok: AtomicBool::new(false),
+            stats: LedgerStats::default(),
+        })
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// True once policy and counters were loaded from the store at least once.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// False while the last store operation failed.
+    pub fn store_ok(&self) -> bool {
+        self.store_ok.load(Ordering::Acquire)
+    }
+
+    fn counters(&self) -> MutexGuard<'_, Counters> {
+        // A poisoned lock means a panic mid-update elsewhere; the counters are still the best
+        // state we have, and refusing all traffic would be worse.
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides from memory and reserves when allowed. Never awaits.
+    pub fn admit(&self, ask: &Ask<'_>) -> Admission {
+        let policy = self.policy.load();
+        let now = self.clock.now();
+        self.counters().admit(&policy, ask, now)
+    }
+
+    /// Releases the reservation, charges the actual usage and queues the debit. Never awaits.
+    pub fn settle(&self, s: Settlement) {
+        let now = self.clock.now();
+        let policy = self.policy.load();
+        let cost = policy
+            .prices
+            .at(&s.model, now.timestamp_millis())
+            .map(|p| p.cost(&s.tokens))
+            .unwrap_or_default();
+        let amount = Amount {
+            tokens: s.tokens.total().0,
+            nanos: cost.0,
+        };
+        let deltas = self
+            .counters()
+            .settle(&s.reservation, amount, now, policy.tz);
+        let event = UsageEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            request_id: s.request_id,
+            ts_ms: now.timestamp_millis(),
+            principal: s.principal,
+            model: s.model,
+            family: s.family.to_string(),
+            input: s.tokens.input,
+            cache_read: s.tokens.cache_read,
+            cache_write: s.tokens.cache_write,
+            output: s.tokens.output,
+            reasoning: s.reasoning,
+            cost,
+            estimated: s.estimated,
+            outcome: s.outcome.to_string(),
+        };
+        self.stats.settled.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(|b| b.debits.push(Debit { event, deltas }));
+    }
+
+    /// Releases a reservation without charging (the upstream answered with an error).
+    pub fn release(&self, r: &Reservation) {
+        if !r.entries.is_empty() {
+            self.counters().release(r);
+        }
+    }
+
+    pub fn record_deny(&self, deny: DenyEvent) {
+        self.enqueue(|b| b.denies.push(deny));
+    }
+
+    fn enqueue(&self, add: impl FnOnce(&mut Batch)) {
+        let mut inbox = self.inbox();
+        add(&mut inbox.batch);
+        if inbox.batch.len() > self.capacity {
+            self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(inbox);
+        self.wake.notify_one();
+    }
+
+    /// Debits and denies waiting to be written.
+    pub fn queue_depth(&self) -> usize {
+        self.inbox().batch.len()
+    }
+
+    /// Takes up to `max` waiting records for one batch.
+    pub(crate) fn take_batch(&self, max: usize) -> Batch {
+        let mut inbox = self.inbox();
+        let b = &mut inbox.batch;
+        if b.len() <= max {
+            return std::mem::take(b);
+        }
+        let debits = b.debits.len().min(max);
+        let denies = (max - debits).min(b.denies.len());
+        Batch {
+            debits: b.debits.drain(..debits).collect(),
+            denies: b.denies.drain(..denies).collect(),
+        }
+    }
+
+    /// Puts a batch that failed to write back in front of the queue, in order.
+    pub(crate) fn requeue(&self, mut batch: Batch) {
+        let mut inbox = self.inbox();
+        batch.debits.append(&mut inbox.batch.debits);
+        batch.denies.append(&mut inbox.batch.denies);
+        inbox.batch = batch;
+    }
+
+    pub(crate) fn mark_flushed(&self, batch: &Batch) {
+        let mut c = self.counters();
+        for d in &batch.debits {
+            c.mark_flushed(&d.deltas);
+        }
+    }
+
+    /// Installs a new policy from store rows.
+    pub(crate) fn install_policy(&self, rows: PolicyRows) {
+        let mut prices = PriceBook::default();
+        for p in rows.prices {
+            prices.insert(&p.model, p.effective_from_ms, p.price);
+        }
+        let mut budgets = Vec::with_capacity(rows.budgets.len());
+        for b in rows.budgets {
+            match b.validate() {
+                Ok(()) => budgets.push(b),
+                Err(e) => {
+                    tracing::warn!(budget = %b.name, error = %e, "ignoring invalid stored budget")
+                }
+            }
+        }
+        let policy = Policy::new(budgets, prices, self.settings.tz, self.settings.unpriced);
+        self.policy.store(Arc::new(policy));
+        self.policy_version
+            .store(u64::try_from(rows.version).unwrap_or(0), Ordering::Release);
+    }
+
+    pub(crate) fn loaded_version(&self) -> u64 {
+        self.policy_version.load(Ordering::Acquire)
+    }
+
+    /// The current window of every budget, for a counter refresh.
+    pub(crate) fn current_windows(&self) -> HashMap<BudgetId, i64> {
+        let policy = self.policy.load();
+        let now = self.clock.now();
+        policy
+            .budgets
+            .iter()
+            .map(|b| (b.id.clone(), b.window.bounds(now, policy.tz).bucket()))
+            .collect()
+    }
+
+    pub(crate) fn refresh_counters(
+        &self,
+        current: &HashMap<BudgetId, i64>,
+        rows: Vec<(crate::policy::CounterKey, i64, Amount)>,
+    ) {
+        self.counters().refresh(current, rows);
+    }
+
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn set_store_ok(&self, ok: bool) {
+        self.store_ok.store(ok, Ordering::Release);
+    }
+
+    pub(crate) async fn wait_for_work(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The current used/reserved amount of one counter (for reports and tests).
+    pub fn peek(&self, key: &crate::policy::CounterKey, bucket: i64) -> (Amount, Amount) {
+        self.counters().peek(key, bucket)
+    }
+}

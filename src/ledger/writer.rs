@@ -1,0 +1,153 @@
+//! The background task between the ledger and the store: batch writes, policy and counter sync,
+//! and the final flush at shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Ledger;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Longest wait between checks of the inbox when nothing wakes the writer.
+    pub flush_interval: Duration,
+    pub batch_max: usize,
+    /// How often the policy version is checked and counters are re-read from the store.
+    pub sync_interval: Duration,
+    /// How long shutdown keeps retrying a failing store before giving up on the flush.
+    pub drain_deadline: Duration,
+}
+
+/// Loads policy and counters once; the ledger is ready afterwards.
+pub async fn load(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
+    let rows = store.load_policy().await?;
+    ledger.install_policy(rows);
+    sync_counters(ledger, store).await?;
+    ledger.set_store_ok(true);
+    ledger.set_ready();
+    Ok(())
+}
+
+async fn sync_counters(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
+    let current = ledger.current_windows();
+    let windows: Vec<_> = current.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let rows = store.load_counters(&windows).await?;
+    ledger.refresh_counters(&current, rows);
+    Ok(())
+}
+
+async fn sync(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
+    let version = store.policy_version().await?;
+    if u64::try_from(version).unwrap_or(0) != ledger.loaded_version() || !ledger.is_ready() {
+        let rows = store.load_policy().await?;
+        tracing::info!(
+            version = rows.version,
+            budgets = rows.budgets.len(),
+            "policy reloaded"
+        );
+        ledger.install_policy(rows);
+    }
+    sync_counters(ledger, store).await?;
+    ledger.set_ready();
+    Ok(())
+}
+
+/// Writes one batch if any is waiting. Returns how many records were written.
+async fn flush_once(ledger: &Ledger, store: &Store, max: usize) -> Result<usize, StoreError> {
+    let batch = ledger.take_batch(max);
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    match store.write_batch(&batch).await {
+        Ok(outcome) => {
+            ledger.mark_flushed(&batch);
+            ledger
+                .stats
+                .flushed
+                .fetch_add(outcome.inserted as u64, Ordering::Relaxed);
+            ledger
+                .stats
+                .duplicates
+                .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
+            ledger.stats.batches.fetch_add(1, Ordering::Relaxed);
+            Ok(batch.len())
+        }
+        Err(e) => {
+            ledger.requeue(batch);
+            Err(e)
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true, then flushes what is left (bounded by `drain_deadline`).
+pub async fn run(
+    ledger: Arc<Ledger>,
+    store: Store,
+    cfg: WriterConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut sync_tick = tokio::time::interval(cfg.sync_interval);
+    sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            _ = ledger.wait_for_work() => {}
+            _ = tokio::time::sleep(cfg.flush_interval) => {}
+            _ = sync_tick.tick() => {
+                match sync(&ledger, &store).await {
+                    Ok(()) => ledger.set_store_ok(true),
+                    Err(e) => {
+                        ledger.set_store_ok(false);
+                        ledger.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "store sync failed; admitting from memory");
+                    }
+                }
+            }
+            _ = shutdown.changed() => {}
+        }
+        loop {
+            match flush_once(&ledger, &store, cfg.batch_max).await {
+                Ok(0) => break,
+                Ok(_) => {
+                    backoff = Duration::from_millis(50);
+                    ledger.set_store_ok(true);
+                }
+                Err(e) => {
+                    ledger.set_store_ok(false);
+                    ledger.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, queued = ledger.queue_depth(), "batch write failed; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    break;
+                }
+            }
+        }
+    }
+    drain(&ledger, &store, cfg).await;
+}
+
+async fn drain(ledger: &Ledger, store: &Store, cfg: WriterConfig) {
+    let deadline = tokio::time::Instant::now() + cfg.drain_deadline;
+    loop {
+        match flush_once(ledger, store, cfg.batch_max).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::error!(error = %e, lost = ledger.queue_depth(), "store unavailable at shutdown; unwritten debits remain");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
