@@ -72,6 +72,8 @@ pub struct StreamState {
     reservation: Reservation,
     binding: Option<BudgetStatus>,
     meter: Option<Meter>,
+    /// The response body reached its end (`end_of_stream` on a body or trailers message).
+    response_ended: bool,
 }
 
 fn header_value<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
@@ -99,6 +101,7 @@ impl StreamState {
             reservation: Reservation::default(),
             binding: None,
             meter: None,
+            response_ended: false,
         }
     }
 
@@ -123,6 +126,7 @@ impl StreamState {
                 Step::ReplyThenMeter(reply::body_pass(false), b.body, b.end_of_stream)
             }
             In::ResponseTrailers(_) => {
+                self.response_ended = true;
                 self.finish(End::Closed);
                 Step::Reply(reply::trailers_pass(false))
             }
@@ -326,6 +330,7 @@ impl StreamState {
         self.meter = Some(Meter::new(format, self.shared.config.meter));
         self.phase = Phase::Metering;
         if h.end_of_stream {
+            self.response_ended = true;
             self.finish(End::Closed);
             return reply::response_headers(set, None);
         }
@@ -338,13 +343,15 @@ impl StreamState {
             m.feed(chunk);
         }
         if end_of_stream {
+            self.response_ended = true;
             self.finish(End::Closed);
         }
     }
 
-    /// Settles exactly once, however the stream ended.
+    /// Settles exactly once, however the stream ended. A stream that closes — even cleanly — before
+    /// the response body ended was cut short (Envoy closes its side when the client goes away).
     pub fn finish(&mut self, end: End) {
-        let aborted = end == End::Aborted;
+        let aborted = end == End::Aborted || !self.response_ended;
         let metered = match self.phase {
             Phase::Admitted => None,
             Phase::Metering => self.meter.as_mut().map(Meter::finish),

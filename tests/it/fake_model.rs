@@ -1,0 +1,200 @@
+//! A fake OpenAI-compatible model server for the tests and the demo: chat completions and
+//! Databricks invocations, streaming (SSE, usage in the last chunk only when the request asks for
+//! it, like OpenAI) and non-streaming. Each request's behaviour is set by request headers:
+//!
+//! - `x-fake-usage: PROMPT,COMPLETION[,CACHED[,REASONING]]` — usage to report (default 10,20)
+//! - `x-fake-chunks: N` — content chunks in a stream (default 3)
+//! - `x-fake-delay-ms: MS` — pause before each chunk; `x-fake-first-delay-ms: MS` — before the headers
+//! - `x-fake-cut-after: N` — abort the connection after N chunks
+//! - `x-fake-malformed: 1` — send a usage chunk whose JSON is cut off
+//! - `x-fake-status: CODE` — answer with this HTTP error
+//!
+//! Every request is recorded (`requests()` in process, `GET /_fake/requests` over HTTP).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+/// What the fake saw and answered, per request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Seen {
+    pub request_id: String,
+    pub path: String,
+    pub model: Option<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// (prompt, completion, cached, reasoning) as reported in the response, if it was.
+    pub usage_sent: Option<(u64, u64, u64, u64)>,
+    /// Identity headers that reached the upstream (they never should).
+    pub principal_header: Option<String>,
+    pub authorization: Option<String>,
+    pub accept_encoding: Option<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeModel {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl FakeModel {
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn by_request_id(&self, id: &str) -> Option<Seen> {
+        self.requests().into_iter().find(|s| s.request_id == id)
+    }
+}
+
+/// Serves on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, fake: FakeModel) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/_fake/requests", get(list))
+        .route("/{*path}", post(complete))
+        .with_state(fake);
+    axum::serve(listener, app).await
+}
+
+/// Starts on an ephemeral port in the current runtime.
+pub async fn start() -> (SocketAddr, FakeModel) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+    let fake = FakeModel::default();
+    tokio::spawn(serve(listener, fake.clone()));
+    (addr, fake)
+}
+
+async fn list(State(fake): State<FakeModel>) -> impl IntoResponse {
+    axum::Json(fake.requests())
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn num(h: &HeaderMap, name: &str, default: u64) -> u64 {
+    header(h, name).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+}
+
+async fn complete(State(fake): State<FakeModel>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = uri.path().to_string();
+    let model = req["model"].as_str().map(str::to_owned).or_else(|| {
+        path.strip_prefix("/serving-endpoints/").and_then(|r| r.strip_suffix("/invocations")).map(str::to_owned)
+    });
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    let include_usage = req["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+    let usage: Vec<u64> = header(&headers, "x-fake-usage")
+        .unwrap_or("10,20")
+        .split(',')
+        .map(|v| v.trim().parse().unwrap_or(0))
+        .collect();
+    let u = |i: usize| usage.get(i).copied().unwrap_or(0);
+    let (prompt, completion, cached, reasoning) = (u(0), u(1), u(2), u(3));
+    let chunks = num(&headers, "x-fake-chunks", 3);
+    let delay = Duration::from_millis(num(&headers, "x-fake-delay-ms", 0));
+    let first_delay = Duration::from_millis(num(&headers, "x-fake-first-delay-ms", 0));
+    let cut_after = header(&headers, "x-fake-cut-after").and_then(|v| v.parse::<u64>().ok());
+    let malformed = header(&headers, "x-fake-malformed") == Some("1");
+    let status = num(&headers, "x-fake-status", 200);
+
+    let reports_usage = req.is_object() && status == 200 && cut_after.is_none() && !malformed && (!stream || include_usage);
+    let seen = Seen {
+        request_id: header(&headers, "x-request-id").unwrap_or("").to_owned(),
+        path,
+        model: model.clone(),
+        stream,
+        include_usage,
+        usage_sent: reports_usage.then_some((prompt, completion, cached, reasoning)),
+        principal_header: header(&headers, "x-tokenbudget-principal").map(str::to_owned),
+        authorization: header(&headers, "authorization").map(str::to_owned),
+        accept_encoding: header(&headers, "accept-encoding").map(str::to_owned),
+    };
+    if let Ok(mut s) = fake.seen.lock() {
+        s.push(seen);
+    }
+    if !first_delay.is_zero() {
+        tokio::time::sleep(first_delay).await;
+    }
+    if !req.is_object() {
+        return json_response(StatusCode::BAD_REQUEST, json!({"error": {"message": "invalid JSON body", "type": "invalid_request_error", "param": null, "code": null}}));
+    }
+    if status != 200 {
+        let code = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return json_response(code, json!({"error": {"message": "fake upstream error", "type": "server_error", "param": null, "code": null}}));
+    }
+    let model = model.unwrap_or_else(|| "unknown".into());
+    let usage_json = json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    });
+    if !stream {
+        return json_response(
+            StatusCode::OK,
+            json!({
+                "id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake model."}, "finish_reason": "stop"}],
+                "usage": usage_json,
+            }),
+        );
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        for i in 0..chunks {
+            if cut_after == Some(i) {
+                // Let what was sent reach the wire before the connection is torn down.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.send(Err(std::io::Error::other("fake cut"))).await;
+                return;
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let chunk = json!({
+                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                "choices": [{"index": 0, "delta": {"content": format!("word{i} ")}, "finish_reason": if i + 1 == chunks { Value::from("stop") } else { Value::Null }}],
+                "usage": null,
+            });
+            if tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await.is_err() {
+                return;
+            }
+        }
+        if cut_after.is_some() {
+            let _ = tx.send(Err(std::io::Error::other("fake cut"))).await;
+            return;
+        }
+        if malformed {
+            let _ = tx.send(Ok(Bytes::from_static(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tok\n\n"))).await;
+        } else if include_usage {
+            let last = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage_json});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {last}\n\n")))).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn json_response(code: StatusCode, v: Value) -> Response {
+    (code, [("content-type", "application/json")], v.to_string()).into_response()
+}
