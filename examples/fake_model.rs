@@ -7,7 +7,9 @@ mod fake_model;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8000".to_string());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8000".to_string());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("fake model listening on {}", listener.local_addr()?);
     fake_model::serve(listener, fake_model::FakeModel::default()).await

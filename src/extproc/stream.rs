@@ -413,3 +413,331 @@ impl StreamState {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicI64;
+
+    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+    use ep::processing_response::Response as Out;
+
+    use super::*;
+    use crate::clock::{ManualClock, SharedClock};
+    use crate::extproc::ExtProcConfig;
+    use crate::ledger::{Ledger, PolicySettings};
+    use crate::policy::{
+        Action, Budget, BudgetId, Limit, ModelSet, Scope, Subject, SubjectKind, Tokens,
+        UnpricedModel, Window, WindowUnit,
+    };
+    use crate::store::{PolicyRows, PriceRow};
+
+    fn shared(limit: u64) -> Arc<Shared> {
+        let clock: SharedClock = Arc::new(ManualClock::new(
+            chrono::DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+        ));
+        let ledger = Ledger::new(
+            PolicySettings {
+                tz: chrono_tz::UTC,
+                unpriced: UnpricedModel::Deny,
+            },
+            clock,
+            100,
+        );
+        ledger.install_policy(PolicyRows {
+            version: 1,
+            budgets: vec![Budget {
+                id: BudgetId("b1".into()),
+                name: "alice daily".into(),
+                subject: Subject {
+                    kind: SubjectKind::User,
+                    name: "alice".into(),
+                },
+                scope: Scope::Shared,
+                models: ModelSet::All,
+                limit: Limit::Tokens(Tokens(limit)),
+                window: Window::Calendar {
+                    unit: WindowUnit::Day,
+                    every: 1,
+                },
+                action: Action::Enforce,
+                is_override: false,
+                enabled: true,
+            }],
+            prices: Vec::<PriceRow>::new(),
+        });
+        Arc::new(Shared {
+            config: ExtProcConfig::default(),
+            ledger,
+            active_streams: AtomicI64::new(0),
+        })
+    }
+
+    fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> ep::HttpHeaders {
+        ep::HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: k.to_string(),
+                        raw_value: v.as_bytes().to_vec(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            end_of_stream,
+            ..Default::default()
+        }
+    }
+
+    fn msg(r: In) -> ep::ProcessingRequest {
+        ep::ProcessingRequest {
+            request: Some(r),
+            ..Default::default()
+        }
+    }
+
+    fn reply(step: Step) -> ep::ProcessingResponse {
+        match step {
+            Step::Reply(r) => r,
+            Step::ReplyThenMeter(r, _, _) => r,
+            Step::NoReply => panic!("expected a reply"),
+        }
+    }
+
+    fn request_headers(user: &str) -> In {
+        In::RequestHeaders(headers(
+            &[
+                (":method", "POST"),
+                (":path", "/v1/chat/completions"),
+                ("x-tokenbudget-principal", user),
+                ("x-request-id", "r1"),
+            ],
+            false,
+        ))
+    }
+
+    fn body(bytes: &[u8], end_of_stream: bool, response: bool) -> In {
+        let b = ep::HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream,
+            ..Default::default()
+        };
+        if response {
+            In::ResponseBody(b)
+        } else {
+            In::RequestBody(b)
+        }
+    }
+
+    #[test]
+    fn every_message_gets_exactly_one_reply_of_its_own_kind() {
+        let sh = shared(10_000);
+        let mut s = StreamState::new(Arc::clone(&sh), RouteHints::default());
+        let r = reply(s.on_message(msg(request_headers("alice"))));
+        assert!(matches!(r.response, Some(Out::RequestHeaders(_))));
+        assert_eq!(
+            r.mode_override.unwrap().request_body_mode,
+            2,
+            "BUFFERED to read the model"
+        );
+
+        let r = reply(s.on_message(msg(body(
+            br#"{"model":"gpt-4o","stream":true,"max_tokens":10,"messages":[]}"#,
+            true,
+            false,
+        ))));
+        let Some(Out::RequestBody(b)) = r.response else {
+            panic!("{r:?}")
+        };
+        let common = b.response.unwrap();
+        let Some(ep::body_mutation::Mutation::Body(new_body)) =
+            common.body_mutation.unwrap().mutation
+        else {
+            panic!()
+        };
+        assert!(
+            String::from_utf8(new_body)
+                .unwrap()
+                .contains(r#""include_usage":true"#)
+        );
+
+        let r = reply(s.on_message(msg(In::ResponseHeaders(headers(
+            &[(":status", "200"), ("content-type", "text/event-stream")],
+            false,
+        )))));
+        let Some(Out::ResponseHeaders(h)) = &r.response else {
+            panic!()
+        };
+        let set = &h
+            .response
+            .as_ref()
+            .unwrap()
+            .header_mutation
+            .as_ref()
+            .unwrap()
+            .set_headers;
+        assert!(
+            set.iter()
+                .any(|h| h.header.as_ref().unwrap().key == "x-tokenbudget-remaining")
+        );
+        assert_eq!(
+            r.mode_override.unwrap().response_body_mode,
+            1,
+            "STREAMED for metering"
+        );
+
+        let chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
+        let step = s.on_message(msg(body(chunk, false, true)));
+        let Step::ReplyThenMeter(r, bytes, eos) = step else {
+            panic!()
+        };
+        assert!(matches!(r.response, Some(Out::ResponseBody(_))));
+        s.meter_chunk(&bytes, eos);
+        let r = reply(s.on_message(msg(In::ResponseTrailers(ep::HttpTrailers::default()))));
+        assert!(matches!(r.response, Some(Out::ResponseTrailers(_))));
+        s.finish(End::Closed);
+
+        let batch = sh.ledger.take_batch(10);
+        assert_eq!(batch.debits.len(), 1, "settled exactly once");
+        let e = &batch.debits[0].event;
+        assert_eq!(
+            (e.input, e.output, e.estimated, e.outcome.as_str()),
+            (3, 4, false, "complete")
+        );
+    }
+
+    #[test]
+    fn abort_before_the_response_debits_the_prompt_estimate_once() {
+        let sh = shared(10_000);
+        let mut s = StreamState::new(Arc::clone(&sh), RouteHints::default());
+        s.on_message(msg(request_headers("alice")));
+        s.on_message(msg(body(
+            br#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"12345678"}]}"#,
+            true,
+            false,
+        )));
+        s.finish(End::Aborted);
+        s.finish(End::Aborted);
+        s.finish(End::Closed);
+        let batch = sh.ledger.take_batch(10);
+        assert_eq!(batch.debits.len(), 1);
+        let e = &batch.debits[0].event;
+        assert!(e.estimated);
+        assert_eq!(e.outcome, "aborted");
+        assert_eq!(e.input, (8 + 16_u64).div_ceil(4));
+    }
+
+    #[test]
+    fn upstream_errors_release_the_reservation_without_a_debit() {
+        let sh = shared(10_000);
+        let mut s = StreamState::new(
+            Arc::clone(&sh),
+            RouteHints {
+                model: Some("m".into()),
+                ..Default::default()
+            },
+        );
+        s.on_message(msg(In::RequestHeaders(headers(
+            &[
+                (":method", "GET"),
+                (":path", "/x"),
+                ("x-tokenbudget-principal", "alice"),
+            ],
+            true,
+        ))));
+        let key = crate::policy::CounterKey {
+            budget: BudgetId("b1".into()),
+            member: "".into(),
+        };
+        let bucket = Window::Calendar {
+            unit: WindowUnit::Day,
+            every: 1,
+        }
+        .bounds(sh.ledger.clock().now(), chrono_tz::UTC)
+        .bucket();
+        assert!(
+            sh.ledger.peek(&key, bucket).1.tokens > 0,
+            "reserved while in flight"
+        );
+        s.on_message(msg(In::ResponseHeaders(headers(
+            &[(":status", "503")],
+            false,
+        ))));
+        s.finish(End::Closed);
+        assert_eq!(sh.ledger.peek(&key, bucket).1.tokens, 0);
+        assert!(sh.ledger.take_batch(10).debits.is_empty());
+    }
+
+    #[test]
+    fn odd_orderings_get_pass_replies_and_no_debit() {
+        let sh = shared(100);
+        let mut s = StreamState::new(Arc::clone(&sh), RouteHints::default());
+        // Body and response messages before (or without) request headers.
+        assert!(matches!(
+            reply(s.on_message(msg(body(b"x", true, false)))).response,
+            Some(Out::RequestBody(_))
+        ));
+        assert!(matches!(
+            reply(s.on_message(msg(In::ResponseHeaders(headers(
+                &[(":status", "200")],
+                false
+            )))))
+            .response,
+            Some(Out::ResponseHeaders(_))
+        ));
+        let Step::ReplyThenMeter(r, b, eos) = s.on_message(msg(body(b"data: x\n\n", true, true)))
+        else {
+            panic!()
+        };
+        assert!(matches!(r.response, Some(Out::ResponseBody(_))));
+        s.meter_chunk(&b, eos);
+        assert!(matches!(
+            s.on_message(ep::ProcessingRequest::default()),
+            Step::NoReply
+        ));
+        s.finish(End::Aborted);
+        assert!(sh.ledger.take_batch(10).is_empty());
+    }
+
+    #[test]
+    fn no_identity_is_refused_and_denies_are_recorded() {
+        let sh = shared(50);
+        let mut s = StreamState::new(Arc::clone(&sh), RouteHints::default());
+        let r = reply(s.on_message(msg(In::RequestHeaders(headers(
+            &[(":method", "POST"), (":path", "/v1/chat/completions")],
+            false,
+        )))));
+        let Some(Out::ImmediateResponse(i)) = r.response else {
+            panic!()
+        };
+        assert_eq!(i.status.unwrap().code, 401);
+
+        let mut s = StreamState::new(
+            Arc::clone(&sh),
+            RouteHints {
+                model: Some("m".into()),
+                inject_usage: Some(false),
+                ..Default::default()
+            },
+        );
+        let r = reply(s.on_message(msg(request_headers("alice"))));
+        assert!(
+            r.mode_override.is_none(),
+            "model known and no injection: no body needed"
+        );
+        let Some(Out::ImmediateResponse(i)) = r.response else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            i.status.unwrap().code,
+            429,
+            "default 1024 output tokens never fit 50"
+        );
+        let batch = sh.ledger.take_batch(10);
+        assert_eq!(batch.denies.len(), 1);
+        assert_eq!(batch.denies[0].reason, "never_fits");
+    }
+}

@@ -24,5 +24,8 @@ fn every_shipped_envoy_config_validates() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "expected the standalone and demo configs, found {checked}");
+    assert!(
+        checked >= 2,
+        "expected the standalone and demo configs, found {checked}"
+    );
 }

@@ -69,12 +69,12 @@ pub async fn serve(listener: tokio::net::TcpListener, fake: FakeModel) -> std::i
 }
 
 /// Starts on an ephemeral port in the current runtime.
-pub async fn start() -> (SocketAddr, FakeModel) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+pub async fn start() -> std::io::Result<(SocketAddr, FakeModel)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
     let fake = FakeModel::default();
     tokio::spawn(serve(listener, fake.clone()));
-    (addr, fake)
+    Ok((addr, fake))
 }
 
 async fn list(State(fake): State<FakeModel>) -> impl IntoResponse {
@@ -86,17 +86,28 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn num(h: &HeaderMap, name: &str, default: u64) -> u64 {
-    header(h, name).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+    header(h, name)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
 }
 
-async fn complete(State(fake): State<FakeModel>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn complete(
+    State(fake): State<FakeModel>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let path = uri.path().to_string();
     let model = req["model"].as_str().map(str::to_owned).or_else(|| {
-        path.strip_prefix("/serving-endpoints/").and_then(|r| r.strip_suffix("/invocations")).map(str::to_owned)
+        path.strip_prefix("/serving-endpoints/")
+            .and_then(|r| r.strip_suffix("/invocations"))
+            .map(str::to_owned)
     });
     let stream = req["stream"].as_bool().unwrap_or(false);
-    let include_usage = req["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+    let include_usage = req["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
     let usage: Vec<u64> = header(&headers, "x-fake-usage")
         .unwrap_or("10,20")
         .split(',')
@@ -111,7 +122,11 @@ async fn complete(State(fake): State<FakeModel>, uri: Uri, headers: HeaderMap, b
     let malformed = header(&headers, "x-fake-malformed") == Some("1");
     let status = num(&headers, "x-fake-status", 200);
 
-    let reports_usage = req.is_object() && status == 200 && cut_after.is_none() && !malformed && (!stream || include_usage);
+    let reports_usage = req.is_object()
+        && status == 200
+        && cut_after.is_none()
+        && !malformed
+        && (!stream || include_usage);
     let seen = Seen {
         request_id: header(&headers, "x-request-id").unwrap_or("").to_owned(),
         path,
@@ -130,11 +145,17 @@ async fn complete(State(fake): State<FakeModel>, uri: Uri, headers: HeaderMap, b
         tokio::time::sleep(first_delay).await;
     }
     if !req.is_object() {
-        return json_response(StatusCode::BAD_REQUEST, json!({"error": {"message": "invalid JSON body", "type": "invalid_request_error", "param": null, "code": null}}));
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"message": "invalid JSON body", "type": "invalid_request_error", "param": null, "code": null}}),
+        );
     }
     if status != 200 {
         let code = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return json_response(code, json!({"error": {"message": "fake upstream error", "type": "server_error", "param": null, "code": null}}));
+        return json_response(
+            code,
+            json!({"error": {"message": "fake upstream error", "type": "server_error", "param": null, "code": null}}),
+        );
     }
     let model = model.unwrap_or_else(|| "unknown".into());
     let usage_json = json!({
@@ -171,7 +192,11 @@ async fn complete(State(fake): State<FakeModel>, uri: Uri, headers: HeaderMap, b
                 "choices": [{"index": 0, "delta": {"content": format!("word{i} ")}, "finish_reason": if i + 1 == chunks { Value::from("stop") } else { Value::Null }}],
                 "usage": null,
             });
-            if tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await.is_err() {
+            if tx
+                .send(Ok(Bytes::from(format!("data: {chunk}\n\n"))))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -180,7 +205,11 @@ async fn complete(State(fake): State<FakeModel>, uri: Uri, headers: HeaderMap, b
             return;
         }
         if malformed {
-            let _ = tx.send(Ok(Bytes::from_static(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tok\n\n"))).await;
+            let _ = tx
+                .send(Ok(Bytes::from_static(
+                    b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tok\n\n",
+                )))
+                .await;
         } else if include_usage {
             let last = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage_json});
             let _ = tx.send(Ok(Bytes::from(format!("data: {last}\n\n")))).await;
@@ -191,7 +220,9 @@ async fn complete(State(fake): State<FakeModel>, uri: Uri, headers: HeaderMap, b
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
-        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 

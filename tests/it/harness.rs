@@ -32,7 +32,11 @@ pub fn envoy_bin() -> PathBuf {
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let p = PathBuf::from(home).join(".cache/tokenbudget/envoy-1.40.0/bin/envoy");
-    assert!(p.exists(), "Envoy 1.40 not found at {}: run ./scripts/test (it installs it) or set TOKENBUDGET_ENVOY", p.display());
+    assert!(
+        p.exists(),
+        "Envoy 1.40 not found at {}: run ./scripts/test (it installs it) or set TOKENBUDGET_ENVOY",
+        p.display()
+    );
     p
 }
 
@@ -47,7 +51,10 @@ where
         if check().await {
             return;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -59,7 +66,9 @@ const DEMO_KEY: &[u8] = b"tokenbudget-demo-signing-key-change-me";
 pub fn jwt(sub: &str, groups: &[&str]) -> String {
     let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
     let header = b64(br#"{"alg":"HS256","typ":"JWT","kid":"demo"}"#);
-    let payload = b64(serde_json::json!({"sub": sub, "groups": groups}).to_string().as_bytes());
+    let payload = b64(serde_json::json!({"sub": sub, "groups": groups})
+        .to_string()
+        .as_bytes());
     let signing_input = format!("{header}.{payload}");
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(DEMO_KEY).unwrap();
     mac.update(signing_input.as_bytes());
@@ -80,8 +89,16 @@ impl Envoy {
         let text = std::fs::read_to_string(repo_path(config)).unwrap();
         let text = replace_once(&text, "port_value: 9901 }", "port_value: 0 }");
         let text = replace_once(&text, "port_value: 10000 }", "port_value: 0 }");
-        let text = replace_once(&text, "port_value: 8000 }", &format!("port_value: {} }}", upstream.port()));
-        let text = replace_once(&text, "port_value: 9002 }", &format!("port_value: {} }}", tokenbudget.port()));
+        let text = replace_once(
+            &text,
+            "port_value: 8000 }",
+            &format!("port_value: {} }}", upstream.port()),
+        );
+        let text = replace_once(
+            &text,
+            "port_value: 9002 }",
+            &format!("port_value: {} }}", tokenbudget.port()),
+        );
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("envoy.yaml");
         std::fs::write(&cfg, text).unwrap();
@@ -90,21 +107,38 @@ impl Envoy {
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&cfg)
-            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"])
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
             .arg("--admin-address-path")
             .arg(&admin_file)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut envoy = Envoy { child, port: 0, admin: "127.0.0.1:0".parse().unwrap(), _dir: dir };
+        let mut envoy = Envoy {
+            child,
+            port: 0,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            _dir: dir,
+        };
         let af = admin_file.clone();
         eventually("Envoy admin address", Duration::from_secs(20), || {
-            let ok = std::fs::read_to_string(&af).map(|s| !s.trim().is_empty()).unwrap_or(false);
+            let ok = std::fs::read_to_string(&af)
+                .map(|s| !s.trim().is_empty())
+                .unwrap_or(false);
             async move { ok }
         })
         .await;
-        envoy.admin = std::fs::read_to_string(&admin_file).unwrap().trim().parse().unwrap();
+        envoy.admin = std::fs::read_to_string(&admin_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let client = reqwest::Client::new();
         let admin = envoy.admin;
         eventually("Envoy ready", Duration::from_secs(20), || {
@@ -114,11 +148,18 @@ impl Envoy {
             }
         })
         .await;
-        let listeners: serde_json::Value =
-            client.get(format!("http://{admin}/listeners?format=json")).send().await.unwrap().json().await.unwrap();
-        envoy.port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-            .as_u64()
-            .unwrap() as u16;
+        let listeners: serde_json::Value = client
+            .get(format!("http://{admin}/listeners?format=json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        envoy.port =
+            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                .as_u64()
+                .unwrap() as u16;
         envoy
     }
 
@@ -128,8 +169,16 @@ impl Envoy {
 
     /// One Envoy counter from the admin stats.
     pub async fn stat(&self, name: &str) -> u64 {
-        let text = reqwest::get(format!("http://{}/stats?filter=^{name}$", self.admin)).await.unwrap().text().await.unwrap();
-        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+        let text = reqwest::get(format!("http://{}/stats?filter=^{name}$", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -141,7 +190,11 @@ impl Drop for Envoy {
 }
 
 fn replace_once(text: &str, from: &str, to: &str) -> String {
-    assert_eq!(text.matches(from).count(), 1, "expected exactly one {from:?} in the Envoy config");
+    assert_eq!(
+        text.matches(from).count(),
+        1,
+        "expected exactly one {from:?} in the Envoy config"
+    );
     text.replacen(from, to, 1)
 }
 
@@ -169,7 +222,9 @@ pub struct Stack {
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -184,13 +239,18 @@ impl Stack {
         init_tracing();
         let (store_toml, guard) = match backend {
             Backend::Postgres => {
-                let db = TestDb::create().await.expect("test Postgres (TOKENBUDGET_TEST_DATABASE_URL)");
+                let db = TestDb::create()
+                    .await
+                    .expect("test Postgres (TOKENBUDGET_TEST_DATABASE_URL)");
                 (format!("database_url = \"{}\"", db.url), StoreGuard::Pg(db))
             }
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("tokenbudget.db");
-                (format!("sqlite_path = \"{}\"", path.display()), StoreGuard::Sqlite(dir))
+                (
+                    format!("sqlite_path = \"{}\"", path.display()),
+                    StoreGuard::Sqlite(dir),
+                )
             }
         };
         let config = format!(
@@ -202,14 +262,17 @@ impl Stack {
         let sidecar = start_sidecar(&config).await;
         let grpc_addr = sidecar.grpc_addr;
         let store = sidecar.store.clone();
-        let (fake_addr, fake) = fake_model::start().await;
+        let (fake_addr, fake) = fake_model::start().await.unwrap();
         let envoy = Envoy::start("envoy/demo.yaml", fake_addr, grpc_addr).await;
         Stack {
             envoy,
             sidecar: Some(sidecar),
             fake,
             store,
-            client: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
             config,
             grpc_addr,
             _guard: guard,
@@ -225,7 +288,11 @@ impl Stack {
         if let Some(s) = self.sidecar.take() {
             s.shutdown().await.unwrap();
         }
-        let config = self.config.replacen("grpc_listen = \"127.0.0.1:0\"", &format!("grpc_listen = \"{}\"", self.grpc_addr), 1);
+        let config = self.config.replacen(
+            "grpc_listen = \"127.0.0.1:0\"",
+            &format!("grpc_listen = \"{}\"", self.grpc_addr),
+            1,
+        );
         let s = start_sidecar(&config).await;
         self.store = s.store.clone();
         self.sidecar = Some(s);
@@ -236,10 +303,14 @@ impl Stack {
         self.store.create_budget(b, 0).await.unwrap();
         let ledger = Arc::clone(&self.sidecar().ledger);
         let name = b.name.clone();
-        eventually("budget loaded by the sidecar", Duration::from_secs(5), || {
-            let found = ledger.policy().budgets.iter().any(|x| x.name == name);
-            async move { found }
-        })
+        eventually(
+            "budget loaded by the sidecar",
+            Duration::from_secs(5),
+            || {
+                let found = ledger.policy().budgets.iter().any(|x| x.name == name);
+                async move { found }
+            },
+        )
         .await;
     }
 
@@ -254,10 +325,19 @@ impl Stack {
     /// Waits until the store holds `n` usage events, and returns them.
     pub async fn events(&self, n: usize) -> Vec<UsageEvent> {
         let store = self.store.clone();
-        eventually(&format!("{n} usage events in the store"), Duration::from_secs(10), || {
-            let s = store.clone();
-            async move { s.usage_events(None, 10_000).await.map(|e| e.len() >= n).unwrap_or(false) }
-        })
+        eventually(
+            &format!("{n} usage events in the store"),
+            Duration::from_secs(10),
+            || {
+                let s = store.clone();
+                async move {
+                    s.usage_events(None, 10_000)
+                        .await
+                        .map(|e| e.len() >= n)
+                        .unwrap_or(false)
+                }
+            },
+        )
         .await;
         self.store.usage_events(None, 10_000).await.unwrap()
     }

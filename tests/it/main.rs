@@ -1,4 +1,5 @@
 //! The integration suite: one binary, real Envoy + real Postgres/SQLite + the fake model.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod core;
 mod envoy_configs;
