@@ -12,7 +12,8 @@ use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone, Copy)]
 pub struct WriterConfig {
-    /// Longest wait between checks of the inbox when nothing wakes the writer.
+    /// How long the writer lets debits gather after the first one arrives (and its longest
+    /// sleep): bounds the delay from end of stream to debit visible in the store.
     pub flush_interval: Duration,
     pub batch_max: usize,
     /// How often the policy version is checked and counters are re-read from the store.
@@ -97,7 +98,15 @@ pub async fn run(
             break;
         }
         tokio::select! {
-            _ = ledger.wait_for_work() => {}
+            _ = ledger.wait_for_work() => {
+                // Let a batch gather: one transaction for many requests, not one per request.
+                if ledger.queue_depth() < cfg.batch_max {
+                    tokio::select! {
+                        _ = tokio::time::sleep(cfg.flush_interval) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
             _ = tokio::time::sleep(cfg.flush_interval) => {}
             _ = sync_tick.tick() => {
                 match sync(&ledger, &store).await {

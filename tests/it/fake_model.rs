@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::serve::ListenerExt;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -65,6 +66,9 @@ pub async fn serve(listener: tokio::net::TcpListener, fake: FakeModel) -> std::i
         .route("/_fake/requests", get(list))
         .route("/{*path}", post(complete))
         .with_state(fake);
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await
 }
 
