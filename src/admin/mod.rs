@@ -28,19 +28,26 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready: policy and counters were loaded from the store, and the store answered last time.
+/// Ready once policy and counters were loaded from the store. A store outage afterwards does not
+/// make the process unready — admission continues from memory and debits queue — so the body
+/// reports it (`store_ok`, `queued`) instead of failing the probe and taking every replica out.
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let loaded = s.ledger.is_ready();
     let store_ok = s.ledger.store_ok();
-    let code = if loaded && store_ok {
+    let code = if loaded {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let status = match (loaded, store_ok) {
+        (false, _) => "loading",
+        (true, true) => "ready",
+        (true, false) => "degraded",
+    };
     (
         code,
         Json(
-            json!({"ready": loaded && store_ok, "loaded": loaded, "store_ok": store_ok, "queued": s.ledger.queue_depth()}),
+            json!({"status": status, "loaded": loaded, "store_ok": store_ok, "queued": s.ledger.queue_depth()}),
         ),
     )
 }
