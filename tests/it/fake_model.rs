@@ -5,7 +5,7 @@
 //! - `x-fake-usage: PROMPT,COMPLETION[,CACHED[,REASONING]]` — usage to report (default 10,20)
 //! - `x-fake-chunks: N` — content chunks in a stream (default 3)
 //! - `x-fake-delay-ms: MS` — pause before each chunk; `x-fake-first-delay-ms: MS` — before the headers
-//! - `x-fake-cut-after: N` — abort the connection after N chunks
+//! - `x-fake-cut-after: N` — after N chunks, send half an event and abort the connection
 //! - `x-fake-malformed: 1` — send a usage chunk whose JSON is cut off
 //! - `x-fake-status: CODE` — answer with this HTTP error
 //!
@@ -183,7 +183,12 @@ async fn complete(
     tokio::spawn(async move {
         for i in 0..chunks {
             if cut_after == Some(i) {
-                // Let what was sent reach the wire before the connection is torn down.
+                // Cut in the middle of an event, after what was sent reached the wire.
+                let _ = tx
+                    .send(Ok(Bytes::from_static(
+                        b"data: {\"id\":\"chatcmpl-fake\",\"choices\":[{\"delta\":{\"con",
+                    )))
+                    .await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let _ = tx.send(Err(std::io::Error::other("fake cut"))).await;
                 return;
