@@ -54,12 +54,32 @@ pub async fn open_store(config: &Config, clock: &SharedClock) -> anyhow::Result<
     Ok(store)
 }
 
+/// Applies the budgets declared in the config file, by name: idempotent, so every replica and
+/// every restart may do it.
+pub async fn apply_config_budgets(
+    config: &Config,
+    store: &Store,
+    clock: &SharedClock,
+) -> anyhow::Result<()> {
+    for b in &config.budgets {
+        let outcome = store
+            .upsert_budget(b, clock.now().timestamp_millis())
+            .await
+            .with_context(|| format!("applying budget {:?} from the config file", b.name))?;
+        tracing::info!(budget = %b.name, ?outcome, "config budget applied");
+    }
+    Ok(())
+}
+
 pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running> {
     let store = open_store(&config, &clock).await?;
+    apply_config_budgets(&config, &store, &clock).await?;
     let ledger = Ledger::new(
         PolicySettings {
             tz: config.timezone,
             unpriced: config.unpriced,
+            models: config.models.clone(),
+            groups: config.groups.clone(),
         },
         Arc::clone(&clock),
         config.queue_capacity,

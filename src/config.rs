@@ -12,7 +12,7 @@ use crate::extproc::ExtProcConfig;
 use crate::identity::{IdentityConfig, Source};
 use crate::ledger::writer::WriterConfig;
 use crate::meter::MeterLimits;
-use crate::policy::UnpricedModel;
+use crate::policy::{Budget, BudgetSpec, ModelAliases, UnpricedModel};
 use crate::store::StoreTarget;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +39,35 @@ struct Raw {
     metering: RawMetering,
     ledger: RawLedger,
     log: RawLog,
+    models: RawModels,
+    groups: Vec<RawGroup>,
+    budgets: Vec<BudgetSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawModels {
+    strip_date_suffix: bool,
+    strip_prefixes: Vec<String>,
+    aliases: std::collections::HashMap<String, String>,
+}
+
+impl Default for RawModels {
+    fn default() -> Self {
+        RawModels {
+            strip_date_suffix: true,
+            strip_prefixes: Vec::new(),
+            aliases: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    /// Principal keys (`user:alice`, `service_principal:ID`); a bare name is a user.
+    members: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +119,7 @@ struct RawIdentity {
     jwt_payload_key: String,
     jwt_principal_claims: Vec<String>,
     jwt_groups_claim: String,
+    jwt_service_principal_claims: Vec<String>,
     anonymous: String,
 }
 
@@ -105,6 +135,7 @@ impl Default for RawIdentity {
             jwt_payload_key: d.jwt_payload_key,
             jwt_principal_claims: d.jwt_principal_claims,
             jwt_groups_claim: d.jwt_groups_claim,
+            jwt_service_principal_claims: d.jwt_service_principal_claims,
             anonymous: String::new(),
         }
     }
@@ -209,6 +240,11 @@ pub struct Config {
     pub queue_capacity: usize,
     pub log_level: String,
     pub log_format: LogFormat,
+    pub models: ModelAliases,
+    /// Group membership from the config file: (group, principal key).
+    pub groups: Vec<(String, String)>,
+    /// Budgets from the config file, applied at startup by name.
+    pub budgets: Vec<Budget>,
 }
 
 /// Environment overrides, applied after the file.
@@ -334,6 +370,7 @@ impl Config {
             jwt_payload_key: i.jwt_payload_key,
             jwt_principal_claims: i.jwt_principal_claims,
             jwt_groups_claim: i.jwt_groups_claim,
+            jwt_service_principal_claims: i.jwt_service_principal_claims,
             anonymous: (!i.anonymous.is_empty()).then_some(i.anonymous),
         };
 
@@ -387,7 +424,56 @@ impl Config {
                 ));
             }
         };
+        let mut groups = Vec::new();
+        for (i, g) in raw.groups.iter().enumerate() {
+            if g.name.trim().is_empty() {
+                return Err(ConfigError {
+                    key: format!("groups[{i}].name"),
+                    message: "must not be empty".into(),
+                });
+            }
+            for m in &g.members {
+                let key = match m.split_once(':') {
+                    Some(("user" | "service_principal", id)) if !id.is_empty() => m.clone(),
+                    Some(_) => {
+                        return Err(ConfigError {
+                            key: format!("groups[{i}].members"),
+                            message: format!(
+                                "{m:?}: expected user:NAME, service_principal:ID, or a bare user name"
+                            ),
+                        });
+                    }
+                    None => format!("user:{m}"),
+                };
+                groups.push((g.name.clone(), key));
+            }
+        }
+        let mut budgets = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, spec) in raw.budgets.iter().enumerate() {
+            let b = spec
+                .to_budget(&uuid::Uuid::now_v7().to_string())
+                .map_err(|e| ConfigError {
+                    key: format!("budgets[{i}].{}", e.field),
+                    message: e.message,
+                })?;
+            if !names.insert(b.name.clone()) {
+                return Err(ConfigError {
+                    key: format!("budgets[{i}].name"),
+                    message: format!("duplicate budget name {:?}", b.name),
+                });
+            }
+            budgets.push(b);
+        }
+        let models = ModelAliases {
+            aliases: raw.models.aliases,
+            strip_prefixes: raw.models.strip_prefixes,
+            strip_date_suffix: raw.models.strip_date_suffix,
+        };
         Ok(Config {
+            models,
+            groups,
+            budgets,
             grpc_listen: addr("server.grpc_listen", &raw.server.grpc_listen)?,
             admin_listen: addr("server.admin_listen", &raw.server.admin_listen)?,
             shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),

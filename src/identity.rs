@@ -33,6 +33,9 @@ pub struct IdentityConfig {
     /// Claims tried in order for the principal id.
     pub jwt_principal_claims: Vec<String>,
     pub jwt_groups_claim: String,
+    /// Claims that, when present, make the caller a service principal whose stable id is the
+    /// claim's value (e.g. `client_id`, `azp`); tried before `jwt_principal_claims`.
+    pub jwt_service_principal_claims: Vec<String>,
     /// When set, callers with no identity are this user instead of being refused.
     pub anonymous: Option<String>,
 }
@@ -48,6 +51,7 @@ impl Default for IdentityConfig {
             jwt_payload_key: "jwt_payload".into(),
             jwt_principal_claims: vec!["email".into(), "sub".into()],
             jwt_groups_claim: "groups".into(),
+            jwt_service_principal_claims: Vec::new(),
             anonymous: None,
         }
     }
@@ -105,13 +109,21 @@ impl IdentityConfig {
             Kind::StructValue(s) => s,
             _ => return None,
         };
-        let id = self
-            .jwt_principal_claims
+        let string_claim = |c: &String| match claim(payload, c)? {
+            Kind::StringValue(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            _ => None,
+        };
+        let (kind, id) = match self
+            .jwt_service_principal_claims
             .iter()
-            .find_map(|c| match claim(payload, c)? {
-                Kind::StringValue(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
-                _ => None,
-            })?;
+            .find_map(string_claim)
+        {
+            Some(id) => (PrincipalKind::ServicePrincipal, id),
+            None => (
+                PrincipalKind::User,
+                self.jwt_principal_claims.iter().find_map(string_claim)?,
+            ),
+        };
         let groups = match claim(payload, &self.jwt_groups_claim) {
             Some(Kind::ListValue(l)) => l
                 .values
@@ -124,11 +136,7 @@ impl IdentityConfig {
             Some(Kind::StringValue(s)) => split_groups(s),
             _ => Vec::new(),
         };
-        Some(Principal {
-            kind: PrincipalKind::User,
-            id,
-            groups,
-        })
+        Some(Principal { kind, id, groups })
     }
 }
 

@@ -442,6 +442,8 @@ mod tests {
             PolicySettings {
                 tz: chrono_tz::UTC,
                 unpriced: UnpricedModel::Deny,
+                models: Default::default(),
+                groups: Vec::new(),
             },
             clock,
             100,
@@ -467,6 +469,7 @@ mod tests {
                 enabled: true,
             }],
             prices: Vec::<PriceRow>::new(),
+            members: Vec::new(),
         });
         Arc::new(Shared {
             config: ExtProcConfig::default(),
@@ -652,14 +655,12 @@ mod tests {
             budget: BudgetId("b1".into()),
             member: "".into(),
         };
-        let bucket = Window::Calendar {
+        let day = Window::Calendar {
             unit: WindowUnit::Day,
             every: 1,
-        }
-        .bounds(sh.ledger.clock().now(), chrono_tz::UTC)
-        .bucket();
+        };
         assert!(
-            sh.ledger.peek(&key, bucket).1.tokens > 0,
+            sh.ledger.peek(&key, &day).1.tokens > 0,
             "reserved while in flight"
         );
         s.on_message(msg(In::ResponseHeaders(headers(
@@ -667,7 +668,7 @@ mod tests {
             false,
         ))));
         s.finish(End::Closed);
-        assert_eq!(sh.ledger.peek(&key, bucket).1.tokens, 0);
+        assert_eq!(sh.ledger.peek(&key, &day).1.tokens, 0);
         assert!(sh.ledger.take_batch(10).debits.is_empty());
     }
 

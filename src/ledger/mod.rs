@@ -21,16 +21,19 @@ use tokio::sync::Notify;
 
 use crate::clock::SharedClock;
 use crate::policy::{
-    Admission, Amount, Ask, BudgetId, Counters, Policy, PriceBook, Reservation, TokenClasses,
-    UnpricedModel,
+    Admission, Amount, Ask, BudgetId, Counters, ModelAliases, Policy, PriceBook, Reservation,
+    TokenClasses, UnpricedModel,
 };
 use crate::store::{Batch, Debit, DenyEvent, PolicyRows, UsageEvent};
 
 /// Settings that shape the policy snapshot but are not stored.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PolicySettings {
     pub tz: chrono_tz::Tz,
     pub unpriced: UnpricedModel,
+    pub models: ModelAliases,
+    /// Group membership declared in the config file: (group, principal key).
+    pub groups: Vec<(String, String)>,
 }
 
 /// The outcome of one request's response, to be charged.
@@ -137,11 +140,9 @@ impl Ledger {
     pub fn settle(&self, s: Settlement) {
         let now = self.clock.now();
         let policy = self.policy.load();
-        let cost = policy
-            .prices
-            .at(&s.model, now.timestamp_millis())
-            .map(|p| p.cost(&s.tokens))
-            .unwrap_or_default();
+        let price = policy.price(&s.model, now.timestamp_millis());
+        let cost = price.map(|p| p.cost(&s.tokens)).unwrap_or_default();
+        let unpriced = price.is_none() && s.model != "unknown";
         let amount = Amount {
             tokens: s.tokens.total().0,
             nanos: cost.0,
@@ -164,6 +165,7 @@ impl Ledger {
             cost,
             estimated: s.estimated,
             outcome: s.outcome.to_string(),
+            unpriced,
         };
         self.stats.settled.fetch_add(1, Ordering::Relaxed);
         self.enqueue(|b| b.debits.push(Debit { event, deltas }));
@@ -240,7 +242,20 @@ impl Ledger {
                 }
             }
         }
-        let policy = Policy::new(budgets, prices, self.settings.tz, self.settings.unpriced);
+        let mut policy = Policy::new(budgets, prices, self.settings.tz, self.settings.unpriced);
+        policy.models = self.settings.models.clone();
+        let mut members: HashMap<String, Vec<String>> = HashMap::new();
+        for (group, principal) in rows
+            .members
+            .into_iter()
+            .chain(self.settings.groups.iter().cloned())
+        {
+            let groups = members.entry(principal).or_default();
+            if !groups.contains(&group) {
+                groups.push(group);
+            }
+        }
+        policy.members = members;
         self.policy.store(Arc::new(policy));
         self.policy_version
             .store(u64::try_from(rows.version).unwrap_or(0), Ordering::Release);
@@ -250,14 +265,14 @@ impl Ledger {
         self.policy_version.load(Ordering::Acquire)
     }
 
-    /// The current window of every budget, for a counter refresh.
+    /// The oldest bucket still counting, per budget, for a counter refresh.
     pub(crate) fn current_windows(&self) -> HashMap<BudgetId, i64> {
         let policy = self.policy.load();
         let now = self.clock.now();
         policy
             .budgets
             .iter()
-            .map(|b| (b.id.clone(), b.window.bounds(now, policy.tz).bucket()))
+            .map(|b| (b.id.clone(), b.window.oldest_counted(now, policy.tz)))
             .collect()
     }
 
@@ -281,8 +296,14 @@ impl Ledger {
         self.wake.notified().await;
     }
 
-    /// The current used/reserved amount of one counter (for reports and tests).
-    pub fn peek(&self, key: &crate::policy::CounterKey, bucket: i64) -> (Amount, Amount) {
-        self.counters().peek(key, bucket)
+    /// Used and reserved amounts of one counter now (for reports and tests).
+    pub fn peek(
+        &self,
+        key: &crate::policy::CounterKey,
+        window: &crate::policy::Window,
+    ) -> (Amount, Amount) {
+        let now = self.clock.now();
+        let tz = self.settings.tz;
+        self.counters().peek(key, window, now, tz)
     }
 }

@@ -60,15 +60,81 @@ pub struct CounterDelta {
     pub amount: Amount,
 }
 
-#[derive(Debug, Default, Clone)]
-struct Counter {
-    bucket: i64,
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Bucket {
+    start: i64,
     /// Store value at the last refresh plus `unflushed`.
     used: Amount,
     /// Settled here, not yet confirmed written to the store.
     unflushed: Amount,
-    /// Held by requests in flight (carried across window rollover: they are still in flight).
+}
+
+/// One counter: the buckets still counting (one for calendar and total windows, up to 61 for a
+/// rolling window), ascending, and what requests in flight hold.
+#[derive(Debug, Default, Clone)]
+struct Counter {
+    buckets: Vec<Bucket>,
+    /// Held by requests in flight (kept across window changes: they are still in flight).
     reserved: Amount,
+}
+
+impl Counter {
+    /// Forgets buckets that no longer count.
+    fn prune(&mut self, oldest: i64) {
+        self.buckets.retain(|b| b.start >= oldest);
+    }
+
+    fn used(&self) -> Amount {
+        let mut a = Amount::default();
+        for b in &self.buckets {
+            a.add(b.used);
+        }
+        a
+    }
+
+    fn bucket_mut(&mut self, start: i64) -> &mut Bucket {
+        let i = match self.buckets.binary_search_by_key(&start, |b| b.start) {
+            Ok(i) => i,
+            Err(i) => {
+                self.buckets.insert(
+                    i,
+                    Bucket {
+                        start,
+                        ..Bucket::default()
+                    },
+                );
+                i
+            }
+        };
+        &mut self.buckets[i]
+    }
+
+    /// When a rolling window frees enough for `want` more (in `unit`), as its oldest buckets age
+    /// out; for an allowed request (`want` = 0 and already under the limit), when the oldest usage
+    /// ages out. `None` when ageing alone cannot free enough.
+    fn rolling_reset(
+        &self,
+        window: &Window,
+        unit: Unit,
+        limit: u64,
+        want: u64,
+    ) -> Option<DateTime<Utc>> {
+        let used = self.used().in_unit(unit);
+        let reserved = self.reserved.in_unit(unit);
+        let mut freed = 0u64;
+        for b in &self.buckets {
+            let u = b.used.in_unit(unit);
+            if u == 0 {
+                continue;
+            }
+            freed = freed.saturating_add(u);
+            let still = used.saturating_sub(freed);
+            if want == 0 || still.saturating_add(reserved).saturating_add(want) <= limit {
+                return window.ages_out_at(b.start);
+            }
+        }
+        None
+    }
 }
 
 /// What the caller asks to spend: who, which model, and the estimate to reserve.
@@ -161,19 +227,17 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// The counter for `key`, rolled over to `bucket` if that is newer. Returns the effective bucket.
-    fn at(&mut self, key: &CounterKey, bucket: i64) -> (&mut Counter, i64) {
-        let c = self.map.entry(key.clone()).or_insert_with(|| Counter {
-            bucket,
-            ..Counter::default()
-        });
-        if bucket > c.bucket {
-            c.bucket = bucket;
-            c.used = Amount::default();
-            c.unflushed = Amount::default();
-        }
-        let effective = c.bucket;
-        (c, effective)
+    /// The counter for `key`, without the buckets that no longer count at `now`.
+    fn at(
+        &mut self,
+        key: &CounterKey,
+        window: &Window,
+        now: DateTime<Utc>,
+        tz: Tz,
+    ) -> &mut Counter {
+        let c = self.map.entry(key.clone()).or_default();
+        c.prune(window.oldest_counted(now, tz));
+        c
     }
 
     /// Decides and, when allowed, reserves — atomically with respect to other calls on `self`.
@@ -189,7 +253,7 @@ impl Counters {
         }
         let price = ask
             .model
-            .and_then(|m| policy.prices.at(m, now.timestamp_millis()));
+            .and_then(|m| policy.price(m, now.timestamp_millis()));
         let estimate = Amount {
             tokens: ask.estimate.total().0,
             nanos: price.map_or(0, |p| p.cost(&ask.estimate).0),
@@ -200,38 +264,46 @@ impl Counters {
         let mut denials = Vec::new();
         let mut plan = Vec::with_capacity(matched.len());
         for (budget, member) in matched {
-            let bounds = budget.window.bounds(now, policy.tz);
             let key = CounterKey {
                 budget: budget.id.clone(),
                 member,
             };
-            let (c, _) = self.at(&key, bounds.bucket());
+            let c = self.at(&key, &budget.window, now, policy.tz);
             let unit = budget.limit.unit();
+            let limit = budget.limit.value();
+            let used = c.used().in_unit(unit);
+            let reserved = c.reserved.in_unit(unit);
+            let want = estimate.in_unit(unit);
+            let reason = if unit == Unit::Usd && unpriced {
+                Some(DenyReason::ModelNotPriced)
+            } else if want > limit {
+                Some(DenyReason::NeverFits)
+            } else if used.saturating_add(reserved).saturating_add(want) > limit {
+                Some(DenyReason::Exhausted)
+            } else {
+                None
+            };
+            let resets_at = match budget.window {
+                Window::Rolling { .. } => {
+                    let need = if reason == Some(DenyReason::Exhausted) {
+                        want
+                    } else {
+                        0
+                    };
+                    c.rolling_reset(&budget.window, unit, limit, need)
+                }
+                w => w.bounds(now, policy.tz).end,
+            };
             let status = BudgetStatus {
                 budget: budget.id.clone(),
                 name: budget.name.clone(),
                 window: budget.window,
                 action: budget.action,
                 unit,
-                limit: budget.limit.value(),
-                used: c.used.in_unit(unit),
-                reserved: c.reserved.in_unit(unit),
-                resets_at: bounds.end,
-            };
-            let want = estimate.in_unit(unit);
-            let reason = if unit == Unit::Usd && unpriced {
-                Some(DenyReason::ModelNotPriced)
-            } else if want > status.limit {
-                Some(DenyReason::NeverFits)
-            } else if status
-                .used
-                .saturating_add(status.reserved)
-                .saturating_add(want)
-                > status.limit
-            {
-                Some(DenyReason::Exhausted)
-            } else {
-                None
+                limit,
+                used,
+                reserved,
+                resets_at,
             };
             if let Some(reason) = reason {
                 let d = Denial {
@@ -285,10 +357,12 @@ impl Counters {
     ) -> Vec<CounterDelta> {
         let mut deltas = Vec::with_capacity(r.entries.len());
         for held in &r.entries {
-            let (c, bucket) = self.at(&held.key, held.window.bounds(now, tz).bucket());
+            let bucket = held.window.bucket(now, tz);
+            let c = self.at(&held.key, &held.window, now, tz);
             c.reserved.sub(held.amount);
-            c.used.add(actual);
-            c.unflushed.add(actual);
+            let b = c.bucket_mut(bucket);
+            b.used.add(actual);
+            b.unflushed.add(actual);
             deltas.push(CounterDelta {
                 key: held.key.clone(),
                 bucket,
@@ -311,60 +385,60 @@ impl Counters {
     pub fn mark_flushed(&mut self, deltas: &[CounterDelta]) {
         for d in deltas {
             if let Some(c) = self.map.get_mut(&d.key)
-                && c.bucket == d.bucket
+                && let Ok(i) = c.buckets.binary_search_by_key(&d.bucket, |b| b.start)
             {
-                c.unflushed.sub(d.amount);
+                c.buckets[i].unflushed.sub(d.amount);
             }
         }
     }
 
-    /// Replaces used amounts with what the store holds (plus what is not flushed yet) for the
-    /// current bucket of each budget in `current`, and forgets idle counters of deleted budgets.
-    /// `rows` must hold every stored counter of those buckets; a missing row means zero.
+    /// Replaces used amounts with what the store holds (plus what is not flushed yet), for the
+    /// buckets of each budget in `oldest` (budget → oldest counted bucket), and forgets idle
+    /// counters of deleted budgets. `rows` must hold every stored bucket from those oldest ones on;
+    /// a missing row means zero.
     pub fn refresh(
         &mut self,
-        current: &HashMap<BudgetId, i64>,
+        oldest: &HashMap<BudgetId, i64>,
         rows: Vec<(CounterKey, i64, Amount)>,
     ) {
-        let mut stored: HashMap<CounterKey, Amount> = HashMap::with_capacity(rows.len());
+        let mut stored: HashMap<CounterKey, Vec<(i64, Amount)>> = HashMap::new();
         for (key, bucket, amount) in rows {
-            if current.get(&key.budget) == Some(&bucket) {
-                stored.insert(key, amount);
+            if oldest.get(&key.budget).is_some_and(|o| bucket >= *o) {
+                stored.entry(key).or_default().push((bucket, amount));
             }
         }
         self.map
-            .retain(|key, c| current.contains_key(&key.budget) || c.reserved != Amount::default());
+            .retain(|key, c| oldest.contains_key(&key.budget) || c.reserved != Amount::default());
         for (key, c) in self.map.iter_mut() {
-            let Some(&bucket) = current.get(&key.budget) else {
+            let Some(&o) = oldest.get(&key.budget) else {
                 continue;
             };
-            if bucket > c.bucket {
-                c.bucket = bucket;
-                c.unflushed = Amount::default();
+            c.prune(o);
+            for b in &mut c.buckets {
+                b.used = b.unflushed;
             }
-            if c.bucket == bucket {
-                let mut used = stored.remove(key).unwrap_or_default();
-                used.add(c.unflushed);
-                c.used = used;
+            for (bucket, amount) in stored.remove(key).unwrap_or_default() {
+                c.bucket_mut(bucket).used.add(amount);
             }
         }
-        for (key, amount) in stored {
-            let bucket = current.get(&key.budget).copied().unwrap_or_default();
-            self.map.insert(
-                key,
-                Counter {
-                    bucket,
-                    used: amount,
-                    ..Counter::default()
-                },
-            );
+        for (key, rows) in stored {
+            let c = self.map.entry(key).or_default();
+            for (bucket, amount) in rows {
+                c.bucket_mut(bucket).used.add(amount);
+            }
         }
     }
 
-    /// Current status of one counter, for reports and the dry-run check (no reservation made).
-    pub fn peek(&mut self, key: &CounterKey, bucket: i64) -> (Amount, Amount) {
-        let (c, _) = self.at(key, bucket);
-        (c.used, c.reserved)
+    /// Used and reserved amounts of one counter at `now` (no reservation made).
+    pub fn peek(
+        &mut self,
+        key: &CounterKey,
+        window: &Window,
+        now: DateTime<Utc>,
+        tz: Tz,
+    ) -> (Amount, Amount) {
+        let c = self.at(key, window, now, tz);
+        (c.used(), c.reserved)
     }
 }
 
@@ -652,9 +726,33 @@ mod tests {
         let current = HashMap::from([(key.budget.clone(), bucket)]);
         // Another replica wrote 500; ours (10) is not flushed yet.
         c.refresh(&current, vec![(key.clone(), bucket, tokens(500))]);
-        assert_eq!(c.peek(&key, bucket).0, tokens(510));
+        assert_eq!(
+            c.peek(
+                &key,
+                &Window::Calendar {
+                    unit: WindowUnit::Day,
+                    every: 1
+                },
+                now(),
+                chrono_tz::UTC
+            )
+            .0,
+            tokens(510)
+        );
         c.mark_flushed(&deltas);
         c.refresh(&current, vec![(key.clone(), bucket, tokens(510))]);
-        assert_eq!(c.peek(&key, bucket).0, tokens(510));
+        assert_eq!(
+            c.peek(
+                &key,
+                &Window::Calendar {
+                    unit: WindowUnit::Day,
+                    every: 1
+                },
+                now(),
+                chrono_tz::UTC
+            )
+            .0,
+            tokens(510)
+        );
     }
 }

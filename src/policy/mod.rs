@@ -8,8 +8,10 @@
 
 pub mod admission;
 pub mod budget;
+pub mod models;
 pub mod money;
 pub mod prices;
+pub mod spec;
 pub mod window;
 
 use std::collections::HashMap;
@@ -22,10 +24,12 @@ pub use admission::{
     Held, Reservation,
 };
 pub use budget::{
-    Action, Budget, BudgetId, Limit, ModelSet, Principal, PrincipalKind, Scope, Subject,
-    SubjectKind, Unit,
+    Action, Budget, BudgetError, BudgetId, Limit, ModelSet, Principal, PrincipalKind, Scope,
+    Subject, SubjectKind, Unit,
 };
+pub use models::ModelAliases;
 pub use money::{NanoUsd, Price, TokenClasses, Tokens};
+pub use spec::{BudgetSpec, SpecError};
 pub use window::{Window, WindowUnit};
 
 /// Prices per model with their `effective_from` instants, so a change never re-rates the past.
@@ -68,6 +72,10 @@ pub struct Policy {
     pub prices: PriceBook,
     pub tz: Tz,
     pub unpriced: UnpricedModel,
+    /// Group membership managed by admins and declared in the config file, by principal key
+    /// (`user:alice`); added to the groups the identity source reported.
+    pub members: HashMap<String, Vec<String>>,
+    pub models: ModelAliases,
 }
 
 impl Policy {
@@ -77,7 +85,29 @@ impl Policy {
             prices,
             tz,
             unpriced,
+            members: HashMap::new(),
+            models: ModelAliases::standard(),
         }
+    }
+
+    /// The principal's groups: from its identity, plus stored and configured membership.
+    pub fn groups_of(&self, p: &Principal) -> Vec<String> {
+        let mut groups = p.groups.clone();
+        if let Some(extra) = self.members.get(&p.key()) {
+            for g in extra {
+                if !groups.contains(g) {
+                    groups.push(g.clone());
+                }
+            }
+        }
+        groups
+    }
+
+    /// The price in force for `model` at `at_ms`: the exact name first, then its canonical name.
+    pub fn price(&self, model: &str, at_ms: i64) -> Option<Price> {
+        self.prices
+            .at(model, at_ms)
+            .or_else(|| self.prices.at(&self.models.canonical(model), at_ms))
     }
 
     /// Budgets that apply to `p` calling `model`, with their member keys. When an override budget
@@ -87,10 +117,31 @@ impl Policy {
         p: &Principal,
         model: Option<&str>,
     ) -> Vec<(&'a Budget, Arc<str>)> {
+        let canonical = model.map(|m| self.models.canonical(m));
+        let extra = self.members.get(&p.key());
+        let widened;
+        let p = match extra {
+            Some(_) => {
+                widened = Principal {
+                    groups: self.groups_of(p),
+                    ..p.clone()
+                };
+                &widened
+            }
+            None => p,
+        };
         let mut hits: Vec<(&Budget, Arc<str>)> = self
             .budgets
             .iter()
-            .filter_map(|b| b.applies_to(p, model).map(|k| (b, k)))
+            .filter_map(|b| {
+                let covered = b
+                    .applies_to(p, model)
+                    .or_else(|| match (&canonical, model) {
+                        (Some(c), Some(m)) if c.as_ref() != m => b.applies_to(p, Some(c.as_ref())),
+                        _ => None,
+                    });
+                covered.map(|k| (b, k))
+            })
             .collect();
         if hits.iter().any(|(b, _)| b.is_override) {
             hits.retain(|(b, _)| b.is_override);

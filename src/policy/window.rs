@@ -1,4 +1,11 @@
-//! Budget windows: calendar periods in a configured time zone, or the whole lifetime (`total`).
+//! Budget windows: calendar periods in a configured time zone, rolling (sliding) periods, or the
+//! whole lifetime (`total`).
+//!
+//! **Rolling windows** are kept as [`ROLLING_BUCKETS`] buckets of `length / 60` seconds each
+//! (a rolling day: 24-minute buckets). Usage recorded in a bucket keeps counting until the window
+//! has slid a full bucket past it, so usage counts for at least `length` and at most
+//! `length + length/60` after it happened: it never ages out early, and at most 1/60 of the window
+//! (1.7 %) late. A rolling month is 30 days.
 //!
 //! A window is computed on read from the instant and the zone: there is no reset job. Hours start on
 //! the hour, days at local midnight, weeks on Monday, months on the 1st; `every: N` groups N units,
@@ -42,11 +49,16 @@ impl WindowUnit {
     }
 }
 
+/// Buckets per rolling window.
+pub const ROLLING_BUCKETS: i64 = 60;
+
 /// The period a budget's limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
     /// `every` consecutive calendar units, aligned as the module doc says.
     Calendar { unit: WindowUnit, every: u32 },
+    /// The last `every` units, sliding (a month is 30 days).
+    Rolling { unit: WindowUnit, every: u32 },
     /// Never resets.
     Total,
 }
@@ -78,26 +90,80 @@ pub enum WindowError {
 
 impl Window {
     pub fn validate(&self) -> Result<(), WindowError> {
-        if let Window::Calendar { unit, every } = *self {
-            if every == 0 {
-                return Err(WindowError::ZeroEvery);
-            }
-            if unit == WindowUnit::Hour && 24 % every != 0 {
-                return Err(WindowError::HoursNotDividingDay(every));
-            }
-            if every > 10_000 {
-                return Err(WindowError::TooLarge(every));
-            }
+        let (unit, every, calendar) = match *self {
+            Window::Calendar { unit, every } => (unit, every, true),
+            Window::Rolling { unit, every } => (unit, every, false),
+            Window::Total => return Ok(()),
+        };
+        if every == 0 {
+            return Err(WindowError::ZeroEvery);
+        }
+        if calendar && unit == WindowUnit::Hour && 24 % every != 0 {
+            return Err(WindowError::HoursNotDividingDay(every));
+        }
+        if every > 10_000 {
+            return Err(WindowError::TooLarge(every));
         }
         Ok(())
     }
 
-    /// The window that contains `now`, in zone `tz`.
+    /// Seconds in one unit of a rolling window.
+    fn unit_seconds(unit: WindowUnit) -> i64 {
+        match unit {
+            WindowUnit::Hour => 3_600,
+            WindowUnit::Day => 86_400,
+            WindowUnit::Week => 604_800,
+            WindowUnit::Month => 2_592_000,
+        }
+    }
+
+    /// Rolling windows: (length, bucket size) in seconds.
+    fn rolling(&self) -> Option<(i64, i64)> {
+        match *self {
+            Window::Rolling { unit, every } => {
+                let len = Window::unit_seconds(unit) * i64::from(every.max(1));
+                Some((len, (len / ROLLING_BUCKETS).max(1)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The bucket that usage recorded at `now` goes into (its start, epoch seconds).
+    pub fn bucket(&self, now: DateTime<Utc>, tz: Tz) -> i64 {
+        match self.rolling() {
+            Some((_, g)) => now.timestamp().div_euclid(g) * g,
+            None => self.bounds(now, tz).bucket(),
+        }
+    }
+
+    /// The oldest bucket that still counts at `now`.
+    pub fn oldest_counted(&self, now: DateTime<Utc>, tz: Tz) -> i64 {
+        match self.rolling() {
+            Some((_, g)) => now.timestamp().div_euclid(g) * g - ROLLING_BUCKETS * g,
+            None => self.bounds(now, tz).bucket(),
+        }
+    }
+
+    /// Rolling windows: the instant usage in bucket `b` stops counting.
+    pub fn ages_out_at(&self, bucket: i64) -> Option<DateTime<Utc>> {
+        let (len, g) = self.rolling()?;
+        DateTime::<Utc>::from_timestamp(bucket + len + g, 0)
+    }
+
+    /// The window that contains `now`, in zone `tz`. A rolling window has no fixed end: its
+    /// bounds are `[now − length, —)`.
     pub fn bounds(&self, now: DateTime<Utc>, tz: Tz) -> Bounds {
         let (unit, every) = match *self {
             Window::Total => {
                 return Bounds {
                     start: DateTime::<Utc>::UNIX_EPOCH,
+                    end: None,
+                };
+            }
+            Window::Rolling { .. } => {
+                let (len, _) = self.rolling().unwrap_or((0, 1));
+                return Bounds {
+                    start: now - Duration::seconds(len),
                     end: None,
                 };
             }
@@ -138,14 +204,10 @@ impl Window {
     pub fn nominal_seconds(&self) -> Option<u64> {
         match *self {
             Window::Total => None,
-            Window::Calendar { unit, every } => {
-                let unit_s = match unit {
-                    WindowUnit::Hour => 3_600,
-                    WindowUnit::Day => 86_400,
-                    WindowUnit::Week => 604_800,
-                    WindowUnit::Month => 2_592_000,
-                };
-                Some(unit_s * u64::from(every))
+            Window::Calendar { unit, every } | Window::Rolling { unit, every } => {
+                u64::try_from(Window::unit_seconds(unit))
+                    .ok()
+                    .map(|s| s * u64::from(every))
             }
         }
     }
@@ -157,6 +219,8 @@ impl fmt::Display for Window {
             Window::Total => f.write_str("total"),
             Window::Calendar { unit, every: 1 } => f.write_str(unit.as_str()),
             Window::Calendar { unit, every } => write!(f, "{every} {}s", unit.as_str()),
+            Window::Rolling { unit, every: 1 } => write!(f, "rolling {}", unit.as_str()),
+            Window::Rolling { unit, every } => write!(f, "rolling {every} {}s", unit.as_str()),
         }
     }
 }

@@ -99,6 +99,7 @@ fn debit(
             cost: NanoUsd(tokens * 10),
             estimated: false,
             outcome: "complete".into(),
+            unpriced: false,
         },
         deltas,
     }

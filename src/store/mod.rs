@@ -66,8 +66,10 @@ pub struct UsageEvent {
     pub cost: NanoUsd,
     /// True when the provider reported no usage and the counts are our estimate.
     pub estimated: bool,
-    /// `complete`, `aborted`, `no_usage`, `upstream_error`.
+    /// `complete`, `aborted`, `no_usage`.
     pub outcome: String,
+    /// The model had no price when settled: `cost` is zero and should not be trusted.
+    pub unpriced: bool,
 }
 
 impl UsageEvent {
@@ -141,11 +143,59 @@ pub struct UsageTotal {
 }
 
 /// Everything a policy snapshot is built from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PolicyRows {
     pub version: i64,
     pub budgets: Vec<Budget>,
     pub prices: Vec<PriceRow>,
+    /// Admin-managed group membership: (group, principal key).
+    pub members: Vec<(String, String)>,
+}
+
+/// What `upsert_budget` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// How usage is grouped by `usage_top`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageBy {
+    Principal,
+    Model,
+}
+
+/// One point of a usage time series (from the hourly rollups).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsagePoint {
+    /// Bucket start, epoch seconds.
+    pub start: i64,
+    pub model: String,
+    pub requests: u64,
+    pub tokens: u64,
+    pub cost: NanoUsd,
+}
+
+/// Filters and grouping of a usage query, over the hourly rollups `[since, until)`.
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub principal: Option<String>,
+    pub model: Option<String>,
+    /// Bucket size in seconds for time series (3600 or 86400).
+    pub bucket_secs: i64,
+}
+
+impl UsageQuery {
+    pub(crate) fn hours(&self) -> (i64, i64) {
+        (
+            self.since_ms.div_euclid(3_600_000) * 3_600,
+            self.until_ms.div_euclid(1000),
+        )
+    }
 }
 
 /// The increments of a batch, aggregated per row and sorted, so concurrent writers take row locks
@@ -195,6 +245,7 @@ pub(crate) struct BudgetRow {
     pub limit_value: i64,
     pub window_unit: String,
     pub window_every: i64,
+    pub window_kind: String,
     pub action: String,
     pub is_override: bool,
     pub enabled: bool,
@@ -202,9 +253,14 @@ pub(crate) struct BudgetRow {
 
 impl BudgetRow {
     pub(crate) fn from_budget(b: &Budget) -> BudgetRow {
-        let (window_unit, window_every) = match b.window {
-            Window::Total => ("total".to_string(), 1),
-            Window::Calendar { unit, every } => (unit.as_str().to_string(), i64::from(every)),
+        let (window_unit, window_every, window_kind) = match b.window {
+            Window::Total => ("total".to_string(), 1, "calendar"),
+            Window::Calendar { unit, every } => {
+                (unit.as_str().to_string(), i64::from(every), "calendar")
+            }
+            Window::Rolling { unit, every } => {
+                (unit.as_str().to_string(), i64::from(every), "rolling")
+            }
         };
         BudgetRow {
             id: b.id.0.to_string(),
@@ -220,6 +276,7 @@ impl BudgetRow {
             limit_value: to_i64(b.limit.value()),
             window_unit,
             window_every,
+            window_kind: window_kind.into(),
             action: b.action.as_str().into(),
             is_override: b.is_override,
             enabled: b.enabled,
@@ -253,7 +310,11 @@ impl BudgetRow {
                 .ok_or_else(|| bad("window_unit", &self.window_unit))?;
             let every = u32::try_from(self.window_every)
                 .map_err(|_| bad("window_every", &self.window_every.to_string()))?;
-            Window::Calendar { unit, every }
+            match self.window_kind.as_str() {
+                "calendar" => Window::Calendar { unit, every },
+                "rolling" => Window::Rolling { unit, every },
+                other => return Err(bad("window_kind", other)),
+            }
         };
         let action = match self.action.as_str() {
             "enforce" => Action::Enforce,
@@ -396,13 +457,81 @@ impl Store {
         dispatch!(self, s => s.deny_events(limit).await)
     }
 
-    /// The stored amount of one counter window (zero if absent).
+    /// The stored amount of one counter bucket (zero if absent).
     pub async fn counter(&self, key: &CounterKey, bucket: i64) -> Result<Amount> {
         let rows = self.load_counters(&[(key.budget.clone(), bucket)]).await?;
         Ok(rows
             .into_iter()
-            .find(|(k, _, _)| k == key)
+            .find(|(k, b, _)| k == key && *b == bucket)
             .map(|(_, _, a)| a)
             .unwrap_or_default())
+    }
+
+    /// The budget named `name`, if any.
+    pub async fn get_budget(&self, name: &str) -> Result<Option<Budget>> {
+        Ok(self
+            .list_budgets()
+            .await?
+            .into_iter()
+            .find(|b| b.name == name))
+    }
+
+    /// Creates or updates the budget named `b.name` (keeping the stored id): idempotent, for
+    /// budgets declared in the config file and for `budgets update`.
+    pub async fn upsert_budget(&self, b: &Budget, now_ms: i64) -> Result<Upsert> {
+        for _ in 0..2 {
+            match self.get_budget(&b.name).await? {
+                Some(existing) => {
+                    let wanted = Budget {
+                        id: existing.id.clone(),
+                        ..b.clone()
+                    };
+                    if wanted == existing {
+                        return Ok(Upsert::Unchanged);
+                    }
+                    dispatch!(self, s => s.update_budget(&wanted, now_ms).await)?;
+                    return Ok(Upsert::Updated);
+                }
+                None => match self.create_budget(b, now_ms).await {
+                    Ok(()) => return Ok(Upsert::Created),
+                    // Another replica created it between our read and write: update instead.
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "budget {:?} changed concurrently",
+            b.name
+        )))
+    }
+
+    /// Adds `principal` (a principal key such as `user:alice`) to `group`. Idempotent.
+    pub async fn add_member(&self, group: &str, principal: &str, now_ms: i64) -> Result<()> {
+        dispatch!(self, s => s.add_member(group, principal, now_ms).await)
+    }
+
+    pub async fn remove_member(&self, group: &str, principal: &str) -> Result<()> {
+        dispatch!(self, s => s.remove_member(group, principal).await)
+    }
+
+    /// (group, principal key) pairs, sorted.
+    pub async fn list_members(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.load_policy().await?.members)
+    }
+
+    /// Requests, tokens and cost per principal or per model, largest first.
+    pub async fn usage_top(
+        &self,
+        q: &UsageQuery,
+        by: UsageBy,
+        limit: i64,
+    ) -> Result<Vec<UsageTotal>> {
+        dispatch!(self, s => s.usage_top(q, by, limit).await)
+    }
+
+    /// Usage per time bucket and model.
+    pub async fn usage_timeseries(&self, q: &UsageQuery) -> Result<Vec<UsagePoint>> {
+        dispatch!(self, s => s.usage_timeseries(q).await)
     }
 }

@@ -9,11 +9,14 @@ use tokio_postgres::NoTls;
 
 use super::{
     Aggregates, Amount, Batch, BatchOutcome, BudgetRow, DenyEvent, PolicyRows, PriceRow, Result,
-    StoreError, UsageEvent, UsageTotal, to_i64, to_u64,
+    StoreError, UsageBy, UsageEvent, UsagePoint, UsageQuery, UsageTotal, to_i64, to_u64,
 };
 use crate::policy::{BudgetId, CounterKey, NanoUsd, Price};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres_0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/postgres_0001_init.sql")),
+    (2, include_str!("migrations/postgres_0002_policy.sql")),
+];
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -119,7 +122,7 @@ impl PgStore {
         let rows = tx
             .query(
                 "SELECT id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
-                 window_unit, window_every, action, is_override, enabled FROM tb_budgets ORDER BY name",
+                 window_unit, window_every, action, is_override, enabled, window_kind FROM tb_budgets ORDER BY name",
                 &[],
             )
             .await
@@ -141,6 +144,7 @@ impl PgStore {
                     action: r.get(10),
                     is_override: r.get(11),
                     enabled: r.get(12),
+                    window_kind: r.get(13),
                 }
                 .into_budget()?,
             );
@@ -165,11 +169,22 @@ impl PgStore {
                 },
             })
             .collect();
+        let members = tx
+            .query(
+                "SELECT group_name, principal FROM tb_group_members ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         tx.commit().await.map_err(db_err)?;
         Ok(PolicyRows {
             version,
             budgets,
             prices,
+            members,
         })
     }
 
@@ -184,8 +199,8 @@ impl PgStore {
             .query(
                 "SELECT w.budget_id, w.member, w.bucket_start, w.tokens, w.cost_nanos \
                  FROM tb_window_counters w \
-                 JOIN UNNEST($1::text[], $2::int8[]) AS q(budget_id, bucket_start) \
-                   ON w.budget_id = q.budget_id AND w.bucket_start = q.bucket_start",
+                 JOIN UNNEST($1::text[], $2::int8[]) AS q(budget_id, oldest) \
+                   ON w.budget_id = q.budget_id AND w.bucket_start >= q.oldest",
                 &[&ids, &buckets],
             )
             .await
@@ -224,9 +239,9 @@ impl PgStore {
                 .query(
                     "INSERT INTO tb_usage_events (event_id, request_id, ts_ms, principal, model, family, \
                        input_tokens, cache_read_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
-                       cost_nanos, estimated, outcome) \
+                       cost_nanos, estimated, outcome, unpriced) \
                      SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], \
-                       $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[]) \
+                       $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[], $15::bool[]) \
                      ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
                     &[
                         &ids,
@@ -243,6 +258,7 @@ impl PgStore {
                         &col_i(|e| to_i64(e.cost.0)),
                         &ev.iter().map(|e| e.estimated).collect::<Vec<bool>>(),
                         &col_s(|e| &e.outcome),
+                        &ev.iter().map(|e| e.unpriced).collect::<Vec<bool>>(),
                     ],
                 )
                 .await
@@ -337,12 +353,12 @@ impl PgStore {
         let tx = c.transaction().await.map_err(db_err)?;
         tx.execute(
             "INSERT INTO tb_budgets (id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
-               window_unit, window_every, action, is_override, enabled, created_at_ms, updated_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+               window_unit, window_every, action, is_override, enabled, created_at_ms, updated_at_ms, window_kind) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15)",
             &[
                 &r.id, &r.name, &r.subject_kind, &r.subject_name, &r.scope, &r.models, &r.limit_unit,
                 &r.limit_value, &r.window_unit, &(r.window_every as i32), &r.action, &r.is_override,
-                &r.enabled, &now_ms,
+                &r.enabled, &now_ms, &r.window_kind,
             ],
         )
         .await
@@ -425,7 +441,7 @@ impl PgStore {
         let rows = c
             .query(
                 "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
-                   cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome \
+                   cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced \
                  FROM (SELECT * FROM tb_usage_events WHERE ($1::text IS NULL OR request_id = $1) \
                        ORDER BY ts_ms DESC, event_id DESC LIMIT $2) e ORDER BY ts_ms, event_id",
                 &[&request_id, &limit],
@@ -449,6 +465,7 @@ impl PgStore {
                 cost: NanoUsd(to_u64(r.get(11))),
                 estimated: r.get(12),
                 outcome: r.get(13),
+                unpriced: r.get(14),
             })
             .collect())
     }
@@ -477,6 +494,132 @@ impl PgStore {
                 unit: r.get(7),
                 used: to_u64(r.get(8)),
                 limit: to_u64(r.get(9)),
+            })
+            .collect())
+    }
+
+    pub async fn update_budget(&self, b: &crate::policy::Budget, now_ms: i64) -> Result<()> {
+        let r = BudgetRow::from_budget(b);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let n = tx
+            .execute(
+                "UPDATE tb_budgets SET name = $2, subject_kind = $3, subject_name = $4, scope = $5, models = $6, \
+                   limit_unit = $7, limit_value = $8, window_unit = $9, window_every = $10, action = $11, \
+                   is_override = $12, enabled = $13, updated_at_ms = $14, window_kind = $15 WHERE id = $1",
+                &[
+                    &r.id, &r.name, &r.subject_kind, &r.subject_name, &r.scope, &r.models, &r.limit_unit,
+                    &r.limit_value, &r.window_unit, &(r.window_every as i32), &r.action, &r.is_override,
+                    &r.enabled, &now_ms, &r.window_kind,
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("budget {:?}", r.name)));
+        }
+        bump_version(&tx).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    pub async fn add_member(&self, group: &str, principal: &str, now_ms: i64) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO tb_group_members (group_name, principal, created_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (group_name, principal) DO NOTHING",
+            &[&group, &principal, &now_ms],
+        )
+        .await
+        .map_err(db_err)?;
+        bump_version(&tx).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    pub async fn remove_member(&self, group: &str, principal: &str) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let n = tx
+            .execute(
+                "DELETE FROM tb_group_members WHERE group_name = $1 AND principal = $2",
+                &[&group, &principal],
+            )
+            .await
+            .map_err(db_err)?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!(
+                "{principal} in group {group:?}"
+            )));
+        }
+        bump_version(&tx).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    pub async fn usage_top(
+        &self,
+        q: &UsageQuery,
+        by: UsageBy,
+        limit: i64,
+    ) -> Result<Vec<UsageTotal>> {
+        let (since, until) = q.hours();
+        let col = match by {
+            UsageBy::Principal => "principal",
+            UsageBy::Model => "model",
+        };
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {col}, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 FROM tb_usage_hourly \
+                     WHERE hour_start >= $1 AND hour_start < $2 AND ($3::text IS NULL OR principal = $3) \
+                       AND ($4::text IS NULL OR model = $4) \
+                     GROUP BY {col} ORDER BY 3 DESC, 1 LIMIT $5"
+                ),
+                &[&since, &until, &q.principal, &q.model, &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let key: String = r.get(0);
+                let (principal, model) = match by {
+                    UsageBy::Principal => (key, String::new()),
+                    UsageBy::Model => (String::new(), key),
+                };
+                UsageTotal {
+                    principal,
+                    model,
+                    requests: to_u64(r.get(1)),
+                    tokens: to_u64(r.get(2)),
+                    cost: NanoUsd(to_u64(r.get(3))),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn usage_timeseries(&self, q: &UsageQuery) -> Result<Vec<UsagePoint>> {
+        let (since, until) = q.hours();
+        let bucket = q.bucket_secs.max(3_600);
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT (hour_start / $5) * $5 AS b, model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 \
+                 FROM tb_usage_hourly WHERE hour_start >= $1 AND hour_start < $2 \
+                   AND ($3::text IS NULL OR principal = $3) AND ($4::text IS NULL OR model = $4) \
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&since, &until, &q.principal, &q.model, &bucket],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UsagePoint {
+                start: r.get(0),
+                model: r.get(1),
+                requests: to_u64(r.get(2)),
+                tokens: to_u64(r.get(3)),
+                cost: NanoUsd(to_u64(r.get(4))),
             })
             .collect())
     }

@@ -8,11 +8,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Aggregates, Amount, Batch, BatchOutcome, BudgetRow, DenyEvent, PolicyRows, PriceRow, Result,
-    StoreError, UsageEvent, UsageTotal, to_i64, to_u64,
+    StoreError, UsageBy, UsageEvent, UsagePoint, UsageQuery, UsageTotal, to_i64, to_u64,
 };
 use crate::policy::{Budget, BudgetId, CounterKey, NanoUsd, Price};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/sqlite_0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/sqlite_0001_init.sql")),
+    (2, include_str!("migrations/sqlite_0002_policy.sql")),
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -109,7 +112,7 @@ impl SqliteStore {
                 let mut st = tx
                     .prepare(
                         "SELECT id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
-                         window_unit, window_every, action, is_override, enabled FROM tb_budgets ORDER BY name",
+                         window_unit, window_every, action, is_override, enabled, window_kind FROM tb_budgets ORDER BY name",
                     )
                     .map_err(db_err)?;
                 let rows = st
@@ -128,6 +131,7 @@ impl SqliteStore {
                             action: r.get(10)?,
                             is_override: r.get(11)?,
                             enabled: r.get(12)?,
+                            window_kind: r.get(13)?,
                         })
                     })
                     .map_err(db_err)?;
@@ -161,8 +165,18 @@ impl SqliteStore {
                     prices.push(row.map_err(db_err)?);
                 }
             }
+            let mut members = Vec::new();
+            {
+                let mut st = tx
+                    .prepare("SELECT group_name, principal FROM tb_group_members ORDER BY 1, 2")
+                    .map_err(db_err)?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_err)?;
+                for row in rows {
+                    members.push(row.map_err(db_err)?);
+                }
+            }
             tx.commit().map_err(db_err)?;
-            Ok(PolicyRows { version, budgets, prices })
+            Ok(PolicyRows { version, budgets, prices, members })
         })
         .await
     }
@@ -175,22 +189,34 @@ impl SqliteStore {
         self.with(move |c| {
             let mut st = c
                 .prepare_cached(
-                    "SELECT member, tokens, cost_nanos FROM tb_window_counters WHERE budget_id = ?1 AND bucket_start = ?2",
+                    "SELECT member, bucket_start, tokens, cost_nanos FROM tb_window_counters \
+                     WHERE budget_id = ?1 AND bucket_start >= ?2",
                 )
                 .map_err(db_err)?;
             let mut out = Vec::new();
-            for (budget, bucket) in windows {
+            for (budget, oldest) in windows {
                 let rows = st
-                    .query_map(params![&*budget.0, bucket], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    .query_map(params![&*budget.0, oldest], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
                     })
                     .map_err(db_err)?;
                 for row in rows {
-                    let (member, tokens, nanos) = row.map_err(db_err)?;
+                    let (member, bucket, tokens, nanos) = row.map_err(db_err)?;
                     out.push((
-                        CounterKey { budget: budget.clone(), member: member.into() },
+                        CounterKey {
+                            budget: budget.clone(),
+                            member: member.into(),
+                        },
                         bucket,
-                        Amount { tokens: to_u64(tokens), nanos: to_u64(nanos) },
+                        Amount {
+                            tokens: to_u64(tokens),
+                            nanos: to_u64(nanos),
+                        },
                     ));
                 }
             }
@@ -210,8 +236,8 @@ impl SqliteStore {
                     .prepare_cached(
                         "INSERT INTO tb_usage_events (event_id, request_id, ts_ms, principal, model, family, \
                            input_tokens, cache_read_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
-                           cost_nanos, estimated, outcome) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                           cost_nanos, estimated, outcome, unpriced) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
                          ON CONFLICT (event_id) DO NOTHING",
                     )
                     .map_err(db_err)?;
@@ -233,6 +259,7 @@ impl SqliteStore {
                             to_i64(e.cost.0),
                             e.estimated,
                             e.outcome,
+                            e.unpriced,
                         ])
                         .map_err(db_err)?;
                     if n == 1 {
@@ -302,11 +329,11 @@ impl SqliteStore {
             let tx = c.transaction().map_err(db_err)?;
             tx.execute(
                 "INSERT INTO tb_budgets (id, name, subject_kind, subject_name, scope, models, limit_unit, limit_value, \
-                   window_unit, window_every, action, is_override, enabled, created_at_ms, updated_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+                   window_unit, window_every, action, is_override, enabled, created_at_ms, updated_at_ms, window_kind) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)",
                 params![
                     r.id, r.name, r.subject_kind, r.subject_name, r.scope, r.models, r.limit_unit, r.limit_value,
-                    r.window_unit, r.window_every, r.action, r.is_override, r.enabled, now_ms
+                    r.window_unit, r.window_every, r.action, r.is_override, r.enabled, now_ms, r.window_kind
                 ],
             )
             .map_err(|e| match db_err(e) {
@@ -397,7 +424,7 @@ impl SqliteStore {
             let mut st = c
                 .prepare(
                     "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
-                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome \
+                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced \
                      FROM (SELECT * FROM tb_usage_events WHERE (?1 IS NULL OR request_id = ?1) \
                            ORDER BY ts_ms DESC, event_id DESC LIMIT ?2) ORDER BY ts_ms, event_id",
                 )
@@ -419,6 +446,7 @@ impl SqliteStore {
                         cost: NanoUsd(to_u64(r.get(11)?)),
                         estimated: r.get(12)?,
                         outcome: r.get(13)?,
+                        unpriced: r.get(14)?,
                     })
                 })
                 .map_err(db_err)?;
@@ -448,6 +476,138 @@ impl SqliteStore {
                         unit: r.get(7)?,
                         used: to_u64(r.get(8)?),
                         limit: to_u64(r.get(9)?),
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn update_budget(&self, b: &Budget, now_ms: i64) -> Result<()> {
+        let r = BudgetRow::from_budget(b);
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let n = tx
+                .execute(
+                    "UPDATE tb_budgets SET name = ?2, subject_kind = ?3, subject_name = ?4, scope = ?5, models = ?6, \
+                       limit_unit = ?7, limit_value = ?8, window_unit = ?9, window_every = ?10, action = ?11, \
+                       is_override = ?12, enabled = ?13, updated_at_ms = ?14, window_kind = ?15 WHERE id = ?1",
+                    params![
+                        r.id, r.name, r.subject_kind, r.subject_name, r.scope, r.models, r.limit_unit, r.limit_value,
+                        r.window_unit, r.window_every, r.action, r.is_override, r.enabled, now_ms, r.window_kind
+                    ],
+                )
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("budget {:?}", r.name)));
+            }
+            bump_version(&tx)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn add_member(&self, group: &str, principal: &str, now_ms: i64) -> Result<()> {
+        let (group, principal) = (group.to_owned(), principal.to_owned());
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO tb_group_members (group_name, principal, created_at_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (group_name, principal) DO NOTHING",
+                params![group, principal, now_ms],
+            )
+            .map_err(db_err)?;
+            bump_version(&tx)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn remove_member(&self, group: &str, principal: &str) -> Result<()> {
+        let (group, principal) = (group.to_owned(), principal.to_owned());
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM tb_group_members WHERE group_name = ?1 AND principal = ?2",
+                    params![group, principal],
+                )
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "{principal} in group {group:?}"
+                )));
+            }
+            bump_version(&tx)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn usage_top(
+        &self,
+        q: &UsageQuery,
+        by: UsageBy,
+        limit: i64,
+    ) -> Result<Vec<UsageTotal>> {
+        let (since, until) = q.hours();
+        let (principal, model) = (q.principal.clone(), q.model.clone());
+        self.with(move |c| {
+            let col = match by {
+                UsageBy::Principal => "principal",
+                UsageBy::Model => "model",
+            };
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT {col}, SUM(requests), SUM(tokens), SUM(cost_nanos) FROM tb_usage_hourly \
+                     WHERE hour_start >= ?1 AND hour_start < ?2 AND (?3 IS NULL OR principal = ?3) \
+                       AND (?4 IS NULL OR model = ?4) \
+                     GROUP BY {col} ORDER BY 3 DESC, 1 LIMIT ?5"
+                ))
+                .map_err(db_err)?;
+            let rows = st
+                .query_map(params![since, until, principal, model, limit], |r| {
+                    let key: String = r.get(0)?;
+                    let (principal, model) = match by {
+                        UsageBy::Principal => (key, String::new()),
+                        UsageBy::Model => (String::new(), key),
+                    };
+                    Ok(UsageTotal {
+                        principal,
+                        model,
+                        requests: to_u64(r.get(1)?),
+                        tokens: to_u64(r.get(2)?),
+                        cost: NanoUsd(to_u64(r.get(3)?)),
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn usage_timeseries(&self, q: &UsageQuery) -> Result<Vec<UsagePoint>> {
+        let (since, until) = q.hours();
+        let bucket = q.bucket_secs.max(3_600);
+        let (principal, model) = (q.principal.clone(), q.model.clone());
+        self.with(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT (hour_start / ?5) * ?5 AS b, model, SUM(requests), SUM(tokens), SUM(cost_nanos) \
+                     FROM tb_usage_hourly WHERE hour_start >= ?1 AND hour_start < ?2 \
+                       AND (?3 IS NULL OR principal = ?3) AND (?4 IS NULL OR model = ?4) \
+                     GROUP BY 1, 2 ORDER BY 1, 2",
+                )
+                .map_err(db_err)?;
+            let rows = st
+                .query_map(params![since, until, principal, model, bucket], |r| {
+                    Ok(UsagePoint {
+                        start: r.get(0)?,
+                        model: r.get(1)?,
+                        requests: to_u64(r.get(2)?),
+                        tokens: to_u64(r.get(3)?),
+                        cost: NanoUsd(to_u64(r.get(4)?)),
                     })
                 })
                 .map_err(db_err)?;
