@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use tokenbudget::cli::{self, BudgetCmd};
+use tokenbudget::cli::{self, BudgetCmd, CheckArgs, GroupCmd, PriceCmd, UsageCmd};
 use tokenbudget::clock::{SharedClock, SystemClock};
 use tokenbudget::config::{Config, LogFormat};
 
@@ -42,13 +42,23 @@ enum Command {
         #[command(subcommand)]
         cmd: BudgetCmd,
     },
-    /// Usage per principal and model over the last hours.
-    Usage {
-        #[arg(long, default_value_t = 24)]
-        since_hours: u64,
-        #[arg(long)]
-        json: bool,
+    /// Manage the price table (USD per 1M tokens, effective-dated).
+    Prices {
+        #[command(subcommand)]
+        cmd: PriceCmd,
     },
+    /// Manage stored group membership.
+    Groups {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+    /// Usage reports from the hourly rollups.
+    Usage {
+        #[command(subcommand)]
+        cmd: UsageCmd,
+    },
+    /// Dry-run a decision: which budgets match, where each stands, which binds, and why.
+    Check(CheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,9 +135,10 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Budgets { cmd } => cli::budgets(&config, &clock, cmd).await,
-            Command::Usage { since_hours, json } => {
-                cli::usage(&config, &clock, since_hours, json).await
-            }
+            Command::Usage { cmd } => cli::usage(&config, &clock, cmd).await,
+            Command::Prices { cmd } => cli::prices(&config, &clock, cmd).await,
+            Command::Groups { cmd } => cli::groups(&config, &clock, cmd).await,
+            Command::Check(args) => cli::check(&config, &clock, args).await,
             Command::Config { .. } => Ok(()),
         }
     });

@@ -136,6 +136,20 @@ impl Ledger {
         self.counters().admit(&policy, ask, now)
     }
 
+    /// How every matching budget stands for `ask`, reserving nothing (the dry-run `check`).
+    pub fn evaluate(&self, ask: &Ask<'_>) -> crate::policy::Evaluation {
+        let policy = self.policy.load();
+        let now = self.clock.now();
+        self.counters().evaluate(&policy, ask, now)
+    }
+
+    /// Every budget's counters now, for status reports.
+    pub fn statuses(&self) -> Vec<(crate::policy::BudgetStatus, std::sync::Arc<str>)> {
+        let policy = self.policy.load();
+        let now = self.clock.now();
+        self.counters().statuses(&policy, now)
+    }
+
     /// Releases the reservation, charges the actual usage and queues the debit. Never awaits.
     pub fn settle(&self, s: Settlement) {
         let now = self.clock.now();

@@ -220,6 +220,67 @@ pub enum Admission {
     },
 }
 
+/// One matching budget as a decision sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Considered {
+    pub key: CounterKey,
+    /// Used and reserved before this request.
+    pub status: BudgetStatus,
+    /// This request's estimate in the budget's unit.
+    pub want: u64,
+    /// Why this budget would deny the request, if it would.
+    pub verdict: Option<DenyReason>,
+}
+
+/// Everything a decision looked at: the matching budgets and where each stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    pub estimate: Amount,
+    /// The model had a price (USD estimates are meaningful).
+    pub priced: bool,
+    pub considered: Vec<Considered>,
+    /// Names of budgets that matched but were set aside because an override budget applies.
+    pub overridden: Vec<String>,
+}
+
+impl Evaluation {
+    /// The decision these budgets make. When allowed, `binding` is the enforced budget with the
+    /// least headroom once this request's estimate is reserved; nothing is reserved here.
+    pub fn outcome(&self) -> Admission {
+        let mut denials = Vec::new();
+        let mut shadow = Vec::new();
+        for c in &self.considered {
+            if let Some(reason) = c.verdict {
+                let d = Denial {
+                    status: c.status.clone(),
+                    reason,
+                    requested: c.want,
+                };
+                match c.status.action {
+                    Action::Enforce => denials.push(d),
+                    Action::Shadow => shadow.push(d),
+                }
+            }
+        }
+        if let Some(denial) = pick_binding_denial(denials) {
+            return Admission::Denied { denial, shadow };
+        }
+        let mut binding: Option<BudgetStatus> = None;
+        for c in &self.considered {
+            let mut status = c.status.clone();
+            status.reserved = status.reserved.saturating_add(c.want);
+            if status.action == Action::Enforce && tighter(&status, binding.as_ref()) {
+                binding = Some(status);
+            }
+        }
+        Admission::Allowed {
+            reservation: Reservation::default(),
+            binding,
+            shadow,
+        }
+    }
+}
+
 /// Every counter this process knows, current window only.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -240,17 +301,9 @@ impl Counters {
         c
     }
 
-    /// Decides and, when allowed, reserves — atomically with respect to other calls on `self`.
-    pub fn admit(&mut self, policy: &Policy, ask: &Ask<'_>, now: DateTime<Utc>) -> Admission {
-        let matched = policy.matching(ask.principal, ask.model);
-        let mut shadow = Vec::new();
-        if matched.is_empty() {
-            return Admission::Allowed {
-                reservation: Reservation::default(),
-                binding: None,
-                shadow,
-            };
-        }
+    /// How every budget matching `ask` stands, without reserving anything.
+    pub fn evaluate(&mut self, policy: &Policy, ask: &Ask<'_>, now: DateTime<Utc>) -> Evaluation {
+        let (matched, overridden) = policy.matching_explained(ask.principal, ask.model);
         let price = ask
             .model
             .and_then(|m| policy.price(m, now.timestamp_millis()));
@@ -260,9 +313,7 @@ impl Counters {
         };
         let unpriced =
             ask.model.is_some() && price.is_none() && policy.unpriced == UnpricedModel::Deny;
-
-        let mut denials = Vec::new();
-        let mut plan = Vec::with_capacity(matched.len());
+        let mut considered = Vec::with_capacity(matched.len());
         for (budget, member) in matched {
             let key = CounterKey {
                 budget: budget.id.clone(),
@@ -274,7 +325,7 @@ impl Counters {
             let used = c.used().in_unit(unit);
             let reserved = c.reserved.in_unit(unit);
             let want = estimate.in_unit(unit);
-            let reason = if unit == Unit::Usd && unpriced {
+            let verdict = if unit == Unit::Usd && unpriced {
                 Some(DenyReason::ModelNotPriced)
             } else if want > limit {
                 Some(DenyReason::NeverFits)
@@ -285,7 +336,7 @@ impl Counters {
             };
             let resets_at = match budget.window {
                 Window::Rolling { .. } => {
-                    let need = if reason == Some(DenyReason::Exhausted) {
+                    let need = if verdict == Some(DenyReason::Exhausted) {
                         want
                     } else {
                         0
@@ -305,44 +356,51 @@ impl Counters {
                 reserved,
                 resets_at,
             };
-            if let Some(reason) = reason {
-                let d = Denial {
-                    status: status.clone(),
-                    reason,
-                    requested: want,
-                };
-                match budget.action {
-                    Action::Enforce => denials.push(d),
-                    Action::Shadow => shadow.push(d),
-                }
-            }
-            plan.push((key, budget.window, status, want));
-        }
-
-        if let Some(denial) = pick_binding_denial(denials) {
-            return Admission::Denied { denial, shadow };
-        }
-
-        let mut entries = Vec::with_capacity(plan.len());
-        let mut binding: Option<BudgetStatus> = None;
-        for (key, window, mut status, want) in plan {
-            if let Some(c) = self.map.get_mut(&key) {
-                c.reserved.add(estimate);
-            }
-            status.reserved = status.reserved.saturating_add(want);
-            if status.action == Action::Enforce && tighter(&status, binding.as_ref()) {
-                binding = Some(status);
-            }
-            entries.push(Held {
+            considered.push(Considered {
                 key,
-                window,
-                amount: estimate,
+                status,
+                want,
+                verdict,
             });
         }
-        Admission::Allowed {
-            reservation: Reservation { entries },
-            binding,
-            shadow,
+        Evaluation {
+            estimate,
+            priced: price.is_some(),
+            considered,
+            overridden,
+        }
+    }
+
+    /// Decides and, when allowed, reserves — atomically with respect to other calls on `self`.
+    pub fn admit(&mut self, policy: &Policy, ask: &Ask<'_>, now: DateTime<Utc>) -> Admission {
+        let ev = self.evaluate(policy, ask, now);
+        let outcome = ev.outcome();
+        if let Admission::Denied { .. } = outcome {
+            return outcome;
+        }
+        let entries = ev
+            .considered
+            .into_iter()
+            .map(|c| {
+                if let Some(counter) = self.map.get_mut(&c.key) {
+                    counter.reserved.add(ev.estimate);
+                }
+                Held {
+                    key: c.key,
+                    window: c.status.window,
+                    amount: ev.estimate,
+                }
+            })
+            .collect();
+        match outcome {
+            Admission::Allowed {
+                binding, shadow, ..
+            } => Admission::Allowed {
+                reservation: Reservation { entries },
+                binding,
+                shadow,
+            },
+            denied => denied,
         }
     }
 
@@ -427,6 +485,53 @@ impl Counters {
                 c.bucket_mut(bucket).used.add(amount);
             }
         }
+    }
+
+    /// The state of every counter of every budget in `policy` (pooled budgets without usage
+    /// included, at zero), for status reports. Sorted by budget name, then member.
+    pub fn statuses(
+        &mut self,
+        policy: &Policy,
+        now: DateTime<Utc>,
+    ) -> Vec<(BudgetStatus, Arc<str>)> {
+        let mut out = Vec::new();
+        for b in policy.budgets.iter() {
+            let mut members: Vec<Arc<str>> = self
+                .map
+                .keys()
+                .filter(|k| k.budget == b.id)
+                .map(|k| Arc::clone(&k.member))
+                .collect();
+            if b.scope == super::Scope::Shared && members.is_empty() {
+                members.push(Arc::from(""));
+            }
+            members.sort();
+            for member in members {
+                let key = CounterKey {
+                    budget: b.id.clone(),
+                    member: Arc::clone(&member),
+                };
+                let c = self.at(&key, &b.window, now, policy.tz);
+                let unit = b.limit.unit();
+                let resets_at = match b.window {
+                    Window::Rolling { .. } => c.rolling_reset(&b.window, unit, b.limit.value(), 0),
+                    w => w.bounds(now, policy.tz).end,
+                };
+                let status = BudgetStatus {
+                    budget: b.id.clone(),
+                    name: b.name.clone(),
+                    window: b.window,
+                    action: b.action,
+                    unit,
+                    limit: b.limit.value(),
+                    used: c.used().in_unit(unit),
+                    reserved: c.reserved.in_unit(unit),
+                    resets_at,
+                };
+                out.push((status, member));
+            }
+        }
+        out
     }
 
     /// Used and reserved amounts of one counter at `now` (no reservation made).

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use chrono_tz::Tz;
 
 pub use admission::{
-    Admission, Amount, Ask, BudgetStatus, CounterDelta, CounterKey, Counters, Denial, DenyReason,
-    Held, Reservation,
+    Admission, Amount, Ask, BudgetStatus, Considered, CounterDelta, CounterKey, Counters, Denial,
+    DenyReason, Evaluation, Held, Reservation,
 };
 pub use budget::{
     Action, Budget, BudgetError, BudgetId, Limit, ModelSet, Principal, PrincipalKind, Scope,
@@ -117,18 +117,25 @@ impl Policy {
         p: &Principal,
         model: Option<&str>,
     ) -> Vec<(&'a Budget, Arc<str>)> {
+        self.matching_explained(p, model).0
+    }
+
+    /// As [`Policy::matching`], plus the names of the budgets an override set aside.
+    pub fn matching_explained<'a>(
+        &'a self,
+        p: &Principal,
+        model: Option<&str>,
+    ) -> (Vec<(&'a Budget, Arc<str>)>, Vec<String>) {
         let canonical = model.map(|m| self.models.canonical(m));
-        let extra = self.members.get(&p.key());
         let widened;
-        let p = match extra {
-            Some(_) => {
-                widened = Principal {
-                    groups: self.groups_of(p),
-                    ..p.clone()
-                };
-                &widened
-            }
-            None => p,
+        let p = if self.members.contains_key(&p.key()) {
+            widened = Principal {
+                groups: self.groups_of(p),
+                ..p.clone()
+            };
+            &widened
+        } else {
+            p
         };
         let mut hits: Vec<(&Budget, Arc<str>)> = self
             .budgets
@@ -143,10 +150,16 @@ impl Policy {
                 covered.map(|k| (b, k))
             })
             .collect();
+        let mut overridden = Vec::new();
         if hits.iter().any(|(b, _)| b.is_override) {
+            overridden = hits
+                .iter()
+                .filter(|(b, _)| !b.is_override)
+                .map(|(b, _)| b.name.clone())
+                .collect();
             hits.retain(|(b, _)| b.is_override);
         }
-        hits
+        (hits, overridden)
     }
 }
 

@@ -1,46 +1,88 @@
 //! The default price table shipped with the binary (`default_prices.toml`), and its parser.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::money::{Price, UsdString};
 
 const DEFAULT_PRICES: &str = include_str!("default_prices.toml");
 
-#[derive(Deserialize)]
+/// A price table file: `[[price]]` entries (TOML), or `{"price": [...]}` (JSON).
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PriceFile {
-    price: Vec<PriceEntry>,
+pub struct PriceFile {
+    pub price: Vec<PriceEntry>,
 }
 
-#[derive(Deserialize)]
+/// One price, in US dollars per one million tokens, as decimal strings.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PriceEntry {
-    model: String,
-    input: UsdString,
-    output: UsdString,
-    cache_read: Option<UsdString>,
-    cache_write: Option<UsdString>,
+pub struct PriceEntry {
+    pub model: String,
+    pub input: UsdString,
+    pub output: UsdString,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read: Option<UsdString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write: Option<UsdString>,
+    /// RFC 3339 instant the price applies from; absent = from the beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_from: Option<String>,
+}
+
+impl PriceEntry {
+    pub fn price(&self) -> Price {
+        let input = self.input.0;
+        Price {
+            input,
+            output: self.output.0,
+            // Without a cache price, cached tokens cost as much as input: never less.
+            cache_read: self.cache_read.map_or(input, |u| u.0),
+            cache_write: self.cache_write.map_or(input, |u| u.0),
+        }
+    }
+
+    /// `effective_from` in epoch milliseconds (0 when absent).
+    pub fn effective_from_ms(&self) -> Result<i64, String> {
+        match &self.effective_from {
+            None => Ok(0),
+            Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+                .map(|d| d.timestamp_millis())
+                .map_err(|e| format!("price for {}: effective_from {t:?}: {e}", self.model)),
+        }
+    }
+
+    pub fn new(model: &str, effective_from_ms: i64, p: &Price) -> PriceEntry {
+        PriceEntry {
+            model: model.to_owned(),
+            input: UsdString(p.input),
+            output: UsdString(p.output),
+            cache_read: Some(UsdString(p.cache_read)),
+            cache_write: Some(UsdString(p.cache_write)),
+            effective_from: (effective_from_ms != 0).then(|| {
+                chrono::DateTime::<chrono::Utc>::from_timestamp_millis(effective_from_ms)
+                    .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_default()
+            }),
+        }
+    }
+}
+
+/// Parses a TOML or JSON price file.
+pub fn parse_price_file(text: &str, json: bool) -> Result<PriceFile, String> {
+    if json {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    } else {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
 }
 
 /// Parses a price table in the `default_prices.toml` format (USD per 1M tokens, as strings).
 pub fn parse_price_table(text: &str) -> Result<Vec<(String, Price)>, String> {
-    let file: PriceFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let file = parse_price_file(text, false)?;
     Ok(file
         .price
         .into_iter()
-        .map(|e| {
-            let input = e.input.0;
-            (
-                e.model,
-                Price {
-                    input,
-                    output: e.output.0,
-                    // Without a cache price, cached tokens cost as much as input: never less.
-                    cache_read: e.cache_read.map_or(input, |u| u.0),
-                    cache_write: e.cache_write.map_or(input, |u| u.0),
-                },
-            )
-        })
+        .map(|e| (e.model.clone(), e.price()))
         .collect())
 }
 

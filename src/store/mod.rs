@@ -489,7 +489,7 @@ impl Store {
                     if wanted == existing {
                         return Ok(Upsert::Unchanged);
                     }
-                    dispatch!(self, s => s.update_budget(&wanted, now_ms).await)?;
+                    self.update_budget(&wanted, now_ms).await?;
                     return Ok(Upsert::Updated);
                 }
                 None => match self.create_budget(b, now_ms).await {
@@ -504,6 +504,11 @@ impl Store {
             "budget {:?} changed concurrently",
             b.name
         )))
+    }
+
+    /// Replaces the stored budget with the same id (its counters are kept).
+    pub async fn update_budget(&self, b: &Budget, now_ms: i64) -> Result<()> {
+        dispatch!(self, s => s.update_budget(b, now_ms).await)
     }
 
     /// Adds `principal` (a principal key such as `user:alice`) to `group`. Idempotent.
