@@ -217,6 +217,7 @@ pub struct Stack {
     pub client: reqwest::Client,
     config: String,
     grpc_addr: SocketAddr,
+    clock: SharedClock,
     _guard: StoreGuard,
 }
 
@@ -236,6 +237,11 @@ impl Stack {
 
     /// `extra` is appended to the sidecar's TOML config.
     pub async fn start_with(backend: Backend, extra: &str) -> Stack {
+        Stack::start_full(backend, extra, Arc::new(SystemClock)).await
+    }
+
+    /// With the sidecar reading time from `clock` (a `ManualClock` drives windows in tests).
+    pub async fn start_full(backend: Backend, extra: &str, clock: SharedClock) -> Stack {
         init_tracing();
         let (store_toml, guard) = match backend {
             Backend::Postgres => {
@@ -259,7 +265,7 @@ impl Stack {
              [ledger]\nflush_interval_ms = 20\nsync_interval_ms = 100\n\
              {extra}\n"
         );
-        let sidecar = start_sidecar(&config).await;
+        let sidecar = start_sidecar(&config, &clock).await;
         let grpc_addr = sidecar.grpc_addr;
         let store = sidecar.store.clone();
         let (fake_addr, fake) = fake_model::start().await.unwrap();
@@ -275,6 +281,7 @@ impl Stack {
                 .unwrap(),
             config,
             grpc_addr,
+            clock,
             _guard: guard,
         }
     }
@@ -293,7 +300,7 @@ impl Stack {
             &format!("grpc_listen = \"{}\"", self.grpc_addr),
             1,
         );
-        let s = start_sidecar(&config).await;
+        let s = start_sidecar(&config, &self.clock).await;
         self.store = s.store.clone();
         self.sidecar = Some(s);
     }
@@ -316,9 +323,19 @@ impl Stack {
 
     /// A chat-completions request through Envoy as `user`.
     pub fn chat(&self, user: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.chat_as(user, &[], body)
+    }
+
+    /// A chat-completions request through Envoy as `user`, whose JWT lists `groups`.
+    pub fn chat_as(
+        &self,
+        user: &str,
+        groups: &[&str],
+        body: serde_json::Value,
+    ) -> reqwest::RequestBuilder {
         self.client
             .post(self.envoy.url("/v1/chat/completions"))
-            .bearer_auth(jwt(user, &[]))
+            .bearer_auth(jwt(user, groups))
             .json(&body)
     }
 
@@ -343,10 +360,9 @@ impl Stack {
     }
 }
 
-async fn start_sidecar(config: &str) -> Running {
+async fn start_sidecar(config: &str, clock: &SharedClock) -> Running {
     let cfg = Config::parse(config, &|_| None).unwrap();
-    let clock: SharedClock = Arc::new(SystemClock);
-    app::start(cfg, clock).await.unwrap()
+    app::start(cfg, Arc::clone(clock)).await.unwrap()
 }
 
 /// Reads a whole streamed response; returns the body text.

@@ -6,3 +6,4 @@ mod core;
 mod envoy_configs;
 mod fake_model;
 mod harness;
+mod policy;
