@@ -11,6 +11,8 @@ pub mod budget;
 pub mod models;
 pub mod money;
 pub mod prices;
+#[cfg(test)]
+mod props;
 pub mod spec;
 pub mod window;
 

@@ -148,3 +148,301 @@ fn budgets_are_created_listed_and_deleted_with_clear_errors() {
     assert_ne!(code, 0);
     assert!(err.contains("not found"), "{err}");
 }
+
+#[test]
+fn check_explains_a_decision_for_a_principal_in_three_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let (code, out, err) = tokenbudget(args, "", dir.path());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        out
+    };
+    run(&[
+        "budgets",
+        "create",
+        "--name",
+        "alice daily",
+        "--subject",
+        "user:alice",
+        "--limit-tokens",
+        "5000",
+        "--window",
+        "day",
+    ]);
+    run(&[
+        "budgets",
+        "create",
+        "--name",
+        "ml pool",
+        "--subject",
+        "group:ml",
+        "--limit-usd",
+        "10",
+        "--window",
+        "month",
+        "--models",
+        "gpt-4o,gpt-4o-mini",
+    ]);
+    run(&[
+        "budgets",
+        "create",
+        "--name",
+        "eng each",
+        "--subject",
+        "group:eng",
+        "--scope",
+        "per_member",
+        "--limit-tokens",
+        "900",
+        "--window",
+        "day",
+        "--every",
+        "7",
+        "--kind",
+        "rolling",
+    ]);
+    run(&[
+        "budgets",
+        "create",
+        "--name",
+        "everyone watch",
+        "--subject",
+        "everyone",
+        "--limit-tokens",
+        "500",
+        "--window",
+        "hour",
+        "--shadow",
+    ]);
+    run(&[
+        "budgets",
+        "create",
+        "--name",
+        "ops claude",
+        "--subject",
+        "group:ops",
+        "--limit-tokens",
+        "10",
+        "--window",
+        "day",
+        "--models",
+        "claude-sonnet-4-5",
+    ]);
+    run(&["groups", "add", "eng", "alice"]);
+
+    let out = run(&[
+        "check",
+        "--principal",
+        "alice",
+        "--group",
+        "ml",
+        "--group",
+        "ops",
+        "--model",
+        "gpt-4o-2024-08-06",
+        "--input-tokens",
+        "200",
+        "--max-tokens",
+        "800",
+    ]);
+    assert!(
+        out.contains("groups: ml, ops, eng"),
+        "identity groups plus stored membership:\n{out}"
+    );
+    assert!(out.contains("(as gpt-4o)"), "{out}");
+    assert!(out.contains("4 matching budget(s)"), "{out}");
+    assert!(
+        !out.contains("ops claude"),
+        "a budget on another model does not match:\n{out}"
+    );
+    assert!(
+        out.contains("* eng each") && out.contains("would deny: never_fits"),
+        "the binding budget is marked:\n{out}"
+    );
+    assert!(
+        out.contains("decision   DENY — budget \"eng each\": never_fits (429 status)"),
+        "{out}"
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&run(&[
+        "check",
+        "--principal",
+        "alice",
+        "--group",
+        "ml",
+        "--group",
+        "ops",
+        "--model",
+        "gpt-4o",
+        "--input-tokens",
+        "100",
+        "--max-tokens",
+        "100",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(json["decision"], "allow");
+    assert_eq!(json["budgets"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        json["binding"], "eng each",
+        "least headroom left: 700 of 900"
+    );
+    let watch = json["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["budget"] == "everyone watch")
+        .unwrap();
+    assert_eq!(watch["verdict"], "fits");
+    assert_eq!(json["estimate"]["usd"], "0.00125");
+}
+
+#[test]
+fn prices_groups_updates_and_status_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let (code, out, err) = tokenbudget(args, "", dir.path());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        out
+    };
+    // Prices: set with history, export, re-import into a fresh store, identical.
+    run(&[
+        "prices",
+        "set",
+        "house-model",
+        "--input",
+        "1.00",
+        "--output",
+        "2.00",
+        "--effective-from",
+        "2026-01-01T00:00:00Z",
+    ]);
+    run(&[
+        "prices",
+        "set",
+        "house-model",
+        "--input",
+        "0.50",
+        "--output",
+        "1.50",
+        "--cache-read",
+        "0.05",
+        "--effective-from",
+        "2026-06-01T00:00:00Z",
+    ]);
+    let hist: serde_json::Value = serde_json::from_str(&run(&[
+        "prices",
+        "list",
+        "--model",
+        "house-model",
+        "--history",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(hist["price"].as_array().unwrap().len(), 2);
+    let now: serde_json::Value = serde_json::from_str(&run(&[
+        "prices",
+        "list",
+        "--model",
+        "house-model",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(now["price"][0]["input"], "0.50");
+    let exported = run(&["prices", "export", "--format", "json"]);
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("p.json"), &exported).unwrap();
+    let (code, out, err) = tokenbudget(
+        &[
+            "prices",
+            "import",
+            other.path().join("p.json").to_str().unwrap(),
+        ],
+        "",
+        other.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("imported"));
+    let (_, again, _) = tokenbudget(&["prices", "export", "--format", "json"], "", other.path());
+    assert_eq!(again, exported);
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[[price]]\nmodel = 'x'\ninput = '1e3'\noutput = '1'\n",
+    )
+    .unwrap();
+    let (code, _, err) = tokenbudget(
+        &[
+            "prices",
+            "import",
+            dir.path().join("bad.toml").to_str().unwrap(),
+        ],
+        "",
+        dir.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("1e3"), "{err}");
+
+    // Groups.
+    run(&["groups", "add", "ml", "alice", "service_principal:app-7"]);
+    let members: serde_json::Value =
+        serde_json::from_str(&run(&["groups", "list", "ml", "--json"])).unwrap();
+    assert_eq!(members.as_array().unwrap().len(), 2);
+    run(&["groups", "remove", "ml", "alice"]);
+    let (code, _, err) = tokenbudget(&["groups", "remove", "ml", "alice"], "", dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) = tokenbudget(&["groups", "add", "ml", "robot:x"], "", dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("robot:x"), "{err}");
+
+    // Update keeps the id; status shows the pool.
+    run(&[
+        "budgets",
+        "create",
+        "--name",
+        "b1",
+        "--subject",
+        "everyone",
+        "--limit-tokens",
+        "100",
+        "--window",
+        "day",
+    ]);
+    let before: serde_json::Value =
+        serde_json::from_str(&run(&["budgets", "show", "b1", "--json"])).unwrap();
+    run(&[
+        "budgets",
+        "update",
+        "b1",
+        "--limit-usd",
+        "2.50",
+        "--window",
+        "week",
+        "--rename",
+        "b2",
+    ]);
+    let after: serde_json::Value =
+        serde_json::from_str(&run(&["budgets", "show", "b2", "--json"])).unwrap();
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(after["limit"]["usd"], "2.50");
+    assert_eq!(after["window"]["unit"], "week");
+    let (code, _, err) = tokenbudget(
+        &[
+            "budgets",
+            "update",
+            "b2",
+            "--scope",
+            "per_member",
+            "--subject",
+            "user:x",
+        ],
+        "",
+        dir.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--scope"), "{err}");
+    let status: serde_json::Value =
+        serde_json::from_str(&run(&["budgets", "status", "b2", "--json"])).unwrap();
+    assert_eq!(status[0]["remaining"], "2.50");
+    assert_eq!(status[0]["member"], serde_json::Value::Null);
+}
