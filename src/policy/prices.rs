@@ -99,7 +99,10 @@ mod tests {
     #[test]
     fn the_shipped_table_parses_and_is_exact() {
         let table = parse_price_table(DEFAULT_PRICES).unwrap();
-        assert!(table.len() >= 10);
+        assert!(table.len() >= 25);
+        for family in ["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-pro", "databricks-meta-llama-3-3-70b-instruct", "llama-3.3-70b-instruct"] {
+            assert!(table.iter().any(|(m, _)| m == family), "{family} missing");
+        }
         let (_, mini) = table.iter().find(|(m, _)| m == "gpt-4o-mini").unwrap();
         assert_eq!(mini.input, NanoUsd(150_000_000));
         assert_eq!(mini.cache_read, NanoUsd(75_000_000));
