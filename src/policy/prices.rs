@@ -100,7 +100,13 @@ mod tests {
     fn the_shipped_table_parses_and_is_exact() {
         let table = parse_price_table(DEFAULT_PRICES).unwrap();
         assert!(table.len() >= 25);
-        for family in ["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-pro", "databricks-meta-llama-3-3-70b-instruct", "llama-3.3-70b-instruct"] {
+        for family in [
+            "gpt-4o",
+            "claude-sonnet-4-5",
+            "gemini-2.5-pro",
+            "databricks-meta-llama-3-3-70b-instruct",
+            "llama-3.3-70b-instruct",
+        ] {
             assert!(table.iter().any(|(m, _)| m == family), "{family} missing");
         }
         let (_, mini) = table.iter().find(|(m, _)| m == "gpt-4o-mini").unwrap();
