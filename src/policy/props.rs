@@ -1,7 +1,7 @@
 //! Property tests of the pure policy core: windows in several zones (month ends, leap years, DST
 //! gaps and folds, half-hour offsets), rolling ageing, reset times, and integer money.
 
-use chrono::{DateTime, Datelike, Duration, Timelike, Utc, Weekday};
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc, Weekday};
 use chrono_tz::Tz;
 use proptest::prelude::*;
 
@@ -73,9 +73,16 @@ proptest! {
             let w = Window::Calendar { unit, every: 1 };
             let b = w.bounds(t, tz);
             let local = b.start.with_timezone(&tz);
-            prop_assert!(local.hour() == 0 || local.hour() == 1, "{w} in {tz} starts at {local}");
-            if local.hour() == 0 {
-                prop_assert_eq!(local.minute(), 0);
+            let midnight = local.date_naive().and_time(chrono::NaiveTime::MIN);
+            match tz.from_local_datetime(&midnight).earliest() {
+                Some(m) => prop_assert_eq!(b.start, m.with_timezone(&Utc), "{} in {} does not start at midnight", w, tz),
+                None => {
+                    // Midnight fell in a DST gap: the first instant after it.
+                    let gap = local.naive_local() - midnight;
+                    prop_assert!(gap > Duration::zero() && gap <= Duration::hours(2), "{} in {} starts {:?} after midnight", w, tz, gap);
+                    let before = b.start - Duration::minutes(1);
+                    prop_assert!(before.with_timezone(&tz).date_naive() < local.date_naive());
+                }
             }
             match unit {
                 WindowUnit::Week => prop_assert_eq!(local.weekday(), Weekday::Mon),
