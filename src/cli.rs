@@ -426,6 +426,9 @@ pub enum PriceCmd {
         /// USD per 1M cache-write tokens (default: the input price).
         #[arg(long)]
         cache_write: Option<String>,
+        /// USD per 1M Anthropic 1-hour cache-write tokens (default: the cache-write price).
+        #[arg(long)]
+        cache_write_1h: Option<String>,
         /// RFC 3339 instant the price applies from (default: now).
         #[arg(long)]
         effective_from: Option<String>,
@@ -507,9 +510,14 @@ pub async fn prices(config: &Config, clock: &SharedClock, cmd: PriceCmd) -> anyh
             output,
             cache_read,
             cache_write,
+            cache_write_1h,
             effective_from,
         } => {
             let input = usd_arg("input", &input)?;
+            let write = cache_write
+                .map(|v| usd_arg("cache-write", &v))
+                .transpose()?
+                .unwrap_or(input);
             let price = Price {
                 input,
                 output: usd_arg("output", &output)?,
@@ -517,10 +525,11 @@ pub async fn prices(config: &Config, clock: &SharedClock, cmd: PriceCmd) -> anyh
                     .map(|v| usd_arg("cache-read", &v))
                     .transpose()?
                     .unwrap_or(input),
-                cache_write: cache_write
-                    .map(|v| usd_arg("cache-write", &v))
+                cache_write: write,
+                cache_write_1h: cache_write_1h
+                    .map(|v| usd_arg("cache-write-1h", &v))
                     .transpose()?
-                    .unwrap_or(input),
+                    .unwrap_or(write),
             };
             let from = match effective_from {
                 None => now_ms,

@@ -92,7 +92,7 @@ fn hints(md: &tonic::metadata::MetadataMap) -> RouteHints {
             .filter(|v| !v.is_empty())
     };
     RouteHints {
-        family: get("x-tokenbudget-family").and_then(Family::parse),
+        family: get("x-tokenbudget-family").and_then(request::parse_hint),
         model: get("x-tokenbudget-model").map(str::to_owned),
         inject_usage: get("x-tokenbudget-inject-usage").map(|v| v == "true"),
     }

@@ -151,17 +151,27 @@ fn immediate(
 /// 401: no identity from any trusted source.
 pub fn no_identity(family: Family) -> ep::ProcessingResponse {
     let msg = "No caller identity: this endpoint requires an authenticated principal.";
+    let openai = json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+    let mut headers = vec![header("x-should-retry", "false")];
     let body = match family {
-        Family::OpenAi => {
-            json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+        Family::OpenAi => openai,
+        Family::Databricks => {
+            json!({"error_code": "UNAUTHENTICATED", "message": msg, "error": openai["error"]})
         }
         Family::Anthropic => {
             json!({"type": "error", "error": {"type": "authentication_error", "message": msg}})
         }
+        Family::Gemini => {
+            json!({"error": {"code": 401, "message": msg, "status": "UNAUTHENTICATED"}})
+        }
+        Family::Bedrock => {
+            headers.push(header("x-amzn-errortype", "AccessDeniedException"));
+            json!({"message": msg})
+        }
     };
     immediate(
         StatusCode::Unauthorized,
-        vec![header("x-should-retry", "false")],
+        headers,
         body.to_string(),
         "tokenbudget_no_identity",
     )
@@ -201,25 +211,54 @@ pub fn denied(
         "requested": show_plain(s.unit, d.requested),
         "resets_at": resets_at,
     });
+    let unpriced = d.reason == DenyReason::ModelNotPriced;
+    let mut headers = vec![header("x-should-retry", "false")];
+    let openai = || {
+        let err_type = if unpriced {
+            "invalid_request_error"
+        } else {
+            "insufficient_quota"
+        };
+        json!({"error": {"message": message, "type": err_type, "param": null, "code": code, "tokenbudget": detail}})
+    };
     let body = match family {
-        Family::OpenAi => {
-            let err_type = if d.reason == DenyReason::ModelNotPriced {
-                "invalid_request_error"
+        Family::OpenAi => openai(),
+        Family::Databricks => {
+            let native = if unpriced {
+                "PERMISSION_DENIED"
             } else {
-                "insufficient_quota"
+                "REQUEST_LIMIT_EXCEEDED"
             };
-            json!({"error": {"message": message, "type": err_type, "param": null, "code": code, "tokenbudget": detail}})
+            json!({"error_code": native, "message": message, "error": openai()["error"]})
         }
         Family::Anthropic => {
-            let err_type = if d.reason == DenyReason::ModelNotPriced {
+            let err_type = if unpriced {
                 "permission_error"
             } else {
                 "rate_limit_error"
             };
             json!({"type": "error", "error": {"type": err_type, "message": message, "details": {"error_code": code}}, "request_id": request_id})
         }
+        Family::Gemini => {
+            let (n, st, reason) = if unpriced {
+                (403, "PERMISSION_DENIED", "MODEL_NOT_PRICED")
+            } else {
+                (429, "RESOURCE_EXHAUSTED", "BUDGET_EXCEEDED")
+            };
+            json!({"error": {"code": n, "message": message, "status": st, "details": [{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "tokenbudget",
+                "metadata": {"budget": s.name, "resets_at": resets_at.clone().unwrap_or_default()}}]}})
+        }
+        Family::Bedrock => {
+            let kind = if unpriced {
+                "AccessDeniedException"
+            } else {
+                "ThrottlingException"
+            };
+            headers.push(header("x-amzn-errortype", kind));
+            json!({"message": message})
+        }
     };
-    let mut headers = vec![header("x-should-retry", "false")];
     if d.reason == DenyReason::Exhausted
         && let Some(secs) = s.reset_after(now)
     {

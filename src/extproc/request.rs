@@ -5,12 +5,18 @@
 
 use serde_json::Value;
 
-/// The API dialect of a route: decides the error shape and the usage format.
+use crate::meter::Api;
+
+/// Whose error shapes a route's callers expect (their SDKs parse them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// OpenAI and every OpenAI-compatible server (Databricks, vLLM, TGI).
+    /// OpenAI and every OpenAI-compatible server (vLLM, TGI).
     OpenAi,
     Anthropic,
+    Gemini,
+    Bedrock,
+    /// Databricks serving endpoints: OpenAI shapes plus Databricks' own `error_code`.
+    Databricks,
 }
 
 impl Family {
@@ -18,26 +24,52 @@ impl Family {
         match self {
             Family::OpenAi => "openai",
             Family::Anthropic => "anthropic",
+            Family::Gemini => "gemini",
+            Family::Bedrock => "bedrock",
+            Family::Databricks => "databricks",
         }
     }
+}
 
-    pub fn parse(s: &str) -> Option<Family> {
-        Some(match s {
-            "openai" | "databricks" | "vllm" | "tgi" => Family::OpenAi,
-            "anthropic" => Family::Anthropic,
-            _ => return None,
-        })
-    }
+/// The route's dialect, from a per-route hint (`x-tokenbudget-family` in the ext_proc
+/// `grpc_initial_metadata`): `openai`, `openai-responses`, `anthropic`, `gemini`, `bedrock`,
+/// `databricks` (also `vllm`, `tgi`: OpenAI-compatible).
+pub fn parse_hint(s: &str) -> Option<(Family, Api)> {
+    Some(match s {
+        "openai" | "vllm" | "tgi" => (Family::OpenAi, Api::OpenAi),
+        "openai-responses" => (Family::OpenAi, Api::OpenAiResponses),
+        "anthropic" => (Family::Anthropic, Api::Anthropic),
+        "gemini" | "vertex" => (Family::Gemini, Api::Gemini),
+        "bedrock" => (Family::Bedrock, Api::Bedrock),
+        "databricks" => (Family::Databricks, Api::OpenAi),
+        _ => return None,
+    })
 }
 
 /// What the path alone tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteFacts {
     pub family: Family,
-    /// The model, when the path names it (Databricks `/serving-endpoints/{name}/invocations`).
+    pub api: Api,
+    /// The model, when the path names it (Databricks, Gemini/Vertex, Vertex Anthropic, Bedrock).
     pub model: Option<String>,
+    /// Streamed OpenAI chat/completions may get `stream_options.include_usage` added. Never
+    /// the Responses API, embeddings, or another dialect (Bedrock requests are signed).
+    pub injectable: bool,
 }
 
+impl RouteFacts {
+    fn new(family: Family, api: Api, model: Option<String>) -> Self {
+        RouteFacts {
+            family,
+            api,
+            model,
+            injectable: false,
+        }
+    }
+}
+
+/// Family, dialect and model from the request path.
 pub fn route_facts(path: &str) -> RouteFacts {
     let path = path.split(['?', '#']).next().unwrap_or("");
     if let Some(rest) = path.strip_prefix("/serving-endpoints/")
@@ -46,19 +78,120 @@ pub fn route_facts(path: &str) -> RouteFacts {
         && !name.contains('/')
     {
         return RouteFacts {
-            family: Family::OpenAi,
-            model: Some(name.to_owned()),
+            injectable: true,
+            ..RouteFacts::new(Family::Databricks, Api::OpenAi, Some(name.to_owned()))
         };
     }
-    let family = if path.ends_with("/v1/messages") {
-        Family::Anthropic
+    // Bedrock: /model/{modelId}/converse[-stream] | /invoke[-with-response-stream]
+    if let Some(rest) = path.strip_prefix("/model/")
+        && let Some((id, op)) = rest.rsplit_once('/')
+        && matches!(
+            op,
+            "converse" | "converse-stream" | "invoke" | "invoke-with-response-stream"
+        )
+    {
+        return RouteFacts::new(
+            Family::Bedrock,
+            Api::Bedrock,
+            Some(bedrock_model(&percent_decode(id))),
+        );
+    }
+    // Gemini API and Vertex: …/models/{model}:generateContent | :streamGenerateContent,
+    // Vertex Anthropic: …/publishers/anthropic/models/{model}:rawPredict | :streamRawPredict.
+    if let Some(i) = path.rfind("/models/") {
+        let tail = &path[i + "/models/".len()..];
+        if let Some((model, verb)) = tail.split_once(':') {
+            let model = Some(model.to_owned());
+            match verb {
+                "generateContent" | "streamGenerateContent" => {
+                    return RouteFacts::new(Family::Gemini, Api::Gemini, model);
+                }
+                "rawPredict" | "streamRawPredict" if path.contains("/publishers/anthropic/") => {
+                    return RouteFacts::new(Family::Anthropic, Api::Anthropic, model);
+                }
+                _ => {}
+            }
+        }
+    }
+    if path.ends_with("/messages") {
+        return RouteFacts::new(Family::Anthropic, Api::Anthropic, None);
+    }
+    if path.ends_with("/responses") {
+        return RouteFacts::new(Family::OpenAi, Api::OpenAiResponses, None);
+    }
+    let family = if path.starts_with("/serving-endpoints/") {
+        Family::Databricks
     } else {
         Family::OpenAi
     };
     RouteFacts {
-        family,
-        model: None,
+        injectable: !path.ends_with("/embeddings"),
+        ..RouteFacts::new(family, Api::OpenAi, None)
     }
+}
+
+/// Bedrock model id, inference profile or ARN → the provider's model name:
+/// `arn:…:inference-profile/us.anthropic.claude-3-5-sonnet-20241022-v2:0` → `claude-3-5-sonnet-20241022`.
+pub fn bedrock_model(id: &str) -> String {
+    let mut m = id.rsplit('/').next().unwrap_or(id);
+    for region in ["us.", "eu.", "apac.", "us-gov.", "global."] {
+        if let Some(rest) = m.strip_prefix(region) {
+            m = rest;
+            break;
+        }
+    }
+    for provider in [
+        "anthropic.",
+        "meta.",
+        "amazon.",
+        "mistral.",
+        "cohere.",
+        "ai21.",
+        "deepseek.",
+        "openai.",
+        "qwen.",
+        "writer.",
+    ] {
+        if let Some(rest) = m.strip_prefix(provider) {
+            m = rest;
+            break;
+        }
+    }
+    // Version suffix: ":0", "-v1:0", "-v2:0".
+    if let Some((base, ver)) = m.rsplit_once(':')
+        && ver.bytes().all(|b| b.is_ascii_digit())
+    {
+        m = base;
+        if let Some((b2, v)) = m.rsplit_once("-v")
+            && !v.is_empty()
+            && v.bytes().all(|b| b.is_ascii_digit())
+        {
+            m = b2;
+        }
+    }
+    m.to_owned()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (
+                (b[i + 1] as char).to_digit(16),
+                (b[i + 2] as char).to_digit(16),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What a JSON request body tells.
@@ -153,29 +286,104 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_tell_family_and_databricks_model() {
-        assert_eq!(
-            route_facts("/serving-endpoints/llama-70b/invocations?x=1"),
-            RouteFacts {
-                family: Family::OpenAi,
-                model: Some("llama-70b".into())
-            }
+    fn routes_tell_family_dialect_and_model() {
+        let check =
+            |path: &str, family: Family, api: Api, model: Option<&str>, injectable: bool| {
+                let f = route_facts(path);
+                assert_eq!(
+                    (f.family, f.api, f.model.as_deref(), f.injectable),
+                    (family, api, model, injectable),
+                    "{path}"
+                );
+            };
+        check(
+            "/serving-endpoints/llama-70b/invocations?x=1",
+            Family::Databricks,
+            Api::OpenAi,
+            Some("llama-70b"),
+            true,
         );
-        assert_eq!(
-            route_facts("/v1/chat/completions"),
-            RouteFacts {
-                family: Family::OpenAi,
-                model: None
-            }
+        check(
+            "/serving-endpoints/chat/completions",
+            Family::Databricks,
+            Api::OpenAi,
+            None,
+            true,
         );
-        assert_eq!(
-            route_facts("/v1/messages"),
-            RouteFacts {
-                family: Family::Anthropic,
-                model: None
-            }
+        check(
+            "/v1/chat/completions",
+            Family::OpenAi,
+            Api::OpenAi,
+            None,
+            true,
         );
-        assert_eq!(route_facts("/serving-endpoints//invocations").model, None);
+        check("/v1/completions", Family::OpenAi, Api::OpenAi, None, true);
+        check("/v1/embeddings", Family::OpenAi, Api::OpenAi, None, false);
+        check(
+            "/v1/responses",
+            Family::OpenAi,
+            Api::OpenAiResponses,
+            None,
+            false,
+        );
+        check(
+            "/v1/messages",
+            Family::Anthropic,
+            Api::Anthropic,
+            None,
+            false,
+        );
+        check(
+            "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+            Family::Gemini,
+            Api::Gemini,
+            Some("gemini-2.5-pro"),
+            false,
+        );
+        check(
+            "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent",
+            Family::Gemini,
+            Api::Gemini,
+            Some("gemini-2.5-flash"),
+            false,
+        );
+        check(
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:streamRawPredict",
+            Family::Anthropic,
+            Api::Anthropic,
+            Some("claude-sonnet-4-5@20250929"),
+            false,
+        );
+        check(
+            "/model/us.anthropic.claude-3-5-sonnet-20241022-v2%3A0/converse-stream",
+            Family::Bedrock,
+            Api::Bedrock,
+            Some("claude-3-5-sonnet-20241022"),
+            false,
+        );
+        check(
+            "/serving-endpoints//invocations",
+            Family::Databricks,
+            Api::OpenAi,
+            None,
+            true,
+        );
+    }
+
+    #[test]
+    fn bedrock_ids_profiles_and_arns_name_one_model() {
+        for id in [
+            "anthropic.claude-3-5-sonnet-20241022-v2:0",
+            "us.anthropic.claude-3-5-sonnet-20241022-v2:0",
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20241022-v2:0",
+        ] {
+            assert_eq!(bedrock_model(id), "claude-3-5-sonnet-20241022", "{id}");
+        }
+        assert_eq!(
+            bedrock_model("meta.llama3-3-70b-instruct-v1:0"),
+            "llama3-3-70b-instruct"
+        );
+        assert_eq!(percent_decode("a%3Ab%2"), "a:b%2");
     }
 
     #[test]

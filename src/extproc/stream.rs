@@ -16,14 +16,14 @@ use super::Shared;
 use super::reply;
 use super::request::{self, BodyFacts, Family};
 use crate::identity::Evidence;
-use crate::meter::{BodyFormat, Meter, Metered, estimate_tokens};
+use crate::meter::{Api, BodyFormat, Encoding, Meter, Metered, estimate_tokens};
 use crate::policy::{Admission, Ask, BudgetStatus, Principal, Reservation, TokenClasses};
 use crate::store::DenyEvent;
 
 /// Per-route hints Envoy sends as gRPC initial metadata (`grpc_initial_metadata` on the route).
 #[derive(Debug, Clone, Default)]
 pub struct RouteHints {
-    pub family: Option<Family>,
+    pub family: Option<(Family, Api)>,
     pub model: Option<String>,
     pub inject_usage: Option<bool>,
 }
@@ -65,6 +65,9 @@ pub struct StreamState {
     request_id: String,
     principal: Option<Principal>,
     family: Family,
+    api: Api,
+    /// The route allows adding `stream_options.include_usage`.
+    injectable: bool,
     model: Option<String>,
     body: Vec<u8>,
     facts: BodyFacts,
@@ -94,6 +97,8 @@ impl StreamState {
             request_id: String::new(),
             principal: None,
             family: Family::OpenAi,
+            api: Api::OpenAi,
+            injectable: false,
             model: None,
             body: Vec::new(),
             facts: BodyFacts::default(),
@@ -143,8 +148,14 @@ impl StreamState {
         self.request_id =
             get("x-request-id").map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
         let route = request::route_facts(get(":path").unwrap_or("/"));
-        self.family = self.hints.family.unwrap_or(route.family);
+        (self.family, self.api) = self.hints.family.unwrap_or((route.family, route.api));
         self.model = self.hints.model.clone().or(route.model);
+        self.injectable = route.injectable
+            && self.api == Api::OpenAi
+            && self
+                .hints
+                .inject_usage
+                .unwrap_or(self.shared.config.inject_include_usage);
 
         let evidence = Evidence {
             header: &get,
@@ -157,12 +168,9 @@ impl StreamState {
             return reply::no_identity(self.family);
         }
         let has_body = !h.end_of_stream && get(":method") == Some("POST");
-        let inject = self
-            .hints
-            .inject_usage
-            .unwrap_or(self.shared.config.inject_include_usage)
-            && self.family == Family::OpenAi;
-        if has_body && (self.model.is_none() || inject || self.shared.config.always_read_body) {
+        if has_body
+            && (self.model.is_none() || self.injectable || self.shared.config.always_read_body)
+        {
             self.phase = Phase::AwaitingBody;
             return reply::request_headers(Some(reply::buffer_request_body()));
         }
@@ -191,12 +199,7 @@ impl StreamState {
                 if self.model.is_none() {
                     self.model = facts.model.clone();
                 }
-                let inject = self
-                    .hints
-                    .inject_usage
-                    .unwrap_or(self.shared.config.inject_include_usage)
-                    && self.family == Family::OpenAi;
-                if inject {
+                if self.injectable {
                     replaced = request::inject_include_usage(&body, &facts);
                 }
                 self.facts = facts;
@@ -321,13 +324,14 @@ impl StreamState {
             self.phase = Phase::Done;
             return reply::response_headers(set, None);
         }
-        let encoded = get("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
-        let format = if encoded {
-            BodyFormat::Opaque
-        } else {
-            BodyFormat::from_content_type(get("content-type").unwrap_or("").as_bytes())
-        };
-        self.meter = Some(Meter::new(format, self.shared.config.meter));
+        let format = BodyFormat::from_content_type(get("content-type").unwrap_or("").as_bytes());
+        let encoding = Encoding::from_header(get("content-encoding").map(str::as_bytes));
+        self.meter = Some(Meter::new(
+            self.api,
+            format,
+            encoding,
+            self.shared.config.meter,
+        ));
         self.phase = Phase::Metering;
         if h.end_of_stream {
             self.response_ended = true;
@@ -372,6 +376,7 @@ impl StreamState {
                     input: u.input,
                     cache_read: u.cache_read,
                     cache_write: u.cache_write,
+                    cache_write_1h: u.cache_write_1h,
                     output: u.output,
                 },
                 u.reasoning,
@@ -405,7 +410,7 @@ impl StreamState {
             request_id: std::mem::take(&mut self.request_id),
             principal,
             model: self.model.clone().unwrap_or_else(|| "unknown".to_owned()),
-            family: self.family.as_str(),
+            family: self.api.as_str(),
             tokens,
             reasoning,
             estimated,

@@ -174,6 +174,7 @@ impl Ledger {
             input: s.tokens.input,
             cache_read: s.tokens.cache_read,
             cache_write: s.tokens.cache_write,
+            cache_write_1h: s.tokens.cache_write_1h,
             output: s.tokens.output,
             reasoning: s.reasoning,
             cost,

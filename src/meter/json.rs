@@ -104,6 +104,52 @@ pub fn string_len_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> usize 
     total
 }
 
+/// The byte range of the string value of the first `"<key>": "…"`, without its quotes (escapes
+/// are not undone).
+pub fn string_value_after_key(
+    bytes: &[u8],
+    finder: &memmem::Finder<'_>,
+) -> Option<std::ops::Range<usize>> {
+    for at in finder.find_iter(bytes) {
+        let mut i = skip_ws(bytes, at + finder.needle().len());
+        if bytes.get(i) != Some(&b':') {
+            continue;
+        }
+        i = skip_ws(bytes, i + 1);
+        if bytes.get(i) != Some(&b'"') {
+            continue;
+        }
+        let start = i + 1;
+        let mut j = start;
+        while j < bytes.len() {
+            match bytes[j] {
+                b'\\' => j += 2,
+                b'"' => return Some(start..j),
+                _ => j += 1,
+            }
+        }
+    }
+    None
+}
+
+/// Appends `chunk` to `tail`, keeping at most about `cap` bytes (between `cap` and `2 × cap`
+/// before trimming, so the front is moved rarely). `cap` 0 keeps nothing.
+pub fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8], cap: usize) {
+    if cap == 0 {
+        return;
+    }
+    if chunk.len() >= cap {
+        tail.clear();
+        tail.extend_from_slice(&chunk[chunk.len() - cap..]);
+        return;
+    }
+    if tail.len() + chunk.len() > 2 * cap {
+        let drop = tail.len() + chunk.len() - cap;
+        tail.drain(..drop.min(tail.len()));
+    }
+    tail.extend_from_slice(chunk);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

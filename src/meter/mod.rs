@@ -1,33 +1,54 @@
 //! PURE. Reading token usage out of response bodies as they stream past.
 //!
-//! A [`Meter`] is fed each body chunk after the chunk's reply has been sent. For SSE it frames
-//! events ([`sse`]) and decodes only events that can carry usage — found by a byte search for
-//! `"usage"` followed by an object — into a small struct; other events are only measured for the
-//! streamed-text estimate. For JSON bodies it keeps a bounded tail and finds the last `"usage"`
-//! object in it at the end. Memory per stream is bounded by the configured caps.
+//! A [`Meter`] is fed each body chunk after the chunk's reply has been sent. It undoes content
+//! encoding incrementally (gzip, deflate, br: the decoder writes straight into the parser, so
+//! memory stays bounded whatever the ratio), then frames the body by its format — SSE events
+//! ([`sse`]), AWS event-stream frames ([`eventstream`]), or the bounded tail of a JSON body —
+//! and decodes only the pieces that can carry usage, found by a byte search for the usage key
+//! followed by an object, into small structs ([`openai`], [`anthropic`], [`gemini`],
+//! [`bedrock`]). Other events are only measured for the streamed-text estimate.
 //!
 //! **Boundary:** imports nothing from the rest of the crate; knows formats, not budgets.
 
+pub mod anthropic;
+pub mod bedrock;
+pub mod eventstream;
+pub mod gemini;
 pub mod json;
 pub mod openai;
 pub mod sse;
 
+use std::io::Write;
 use std::sync::LazyLock;
 
+use base64::Engine;
 use memchr::memmem;
 
 static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static USAGE_METADATA_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usageMetadata\""));
+static METRICS_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"amazon-bedrock-invocationMetrics\""));
 static CONTENT_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"content\""));
+static TEXT_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"text\""));
+static DELTA_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"delta\""));
+static BYTES_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"bytes\""));
 
 /// Token usage of one request, normalised across providers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// Prompt tokens not served from cache.
+    /// Prompt tokens not served from cache and not written to it.
     pub input: u64,
     pub cache_read: u64,
+    /// Cache writes (Anthropic 5-minute writes, or writes the provider does not split).
     pub cache_write: u64,
+    /// Anthropic 1-hour cache writes (priced separately).
+    pub cache_write_1h: u64,
     /// Visible and reasoning output.
     pub output: u64,
     /// Informational: the part of `output` spent reasoning.
@@ -40,6 +61,7 @@ impl Usage {
         self.input
             .saturating_add(self.cache_read)
             .saturating_add(self.cache_write)
+            .saturating_add(self.cache_write_1h)
             .saturating_add(self.output)
     }
 }
@@ -50,10 +72,40 @@ pub fn estimate_tokens(bytes: u64) -> u64 {
     bytes.div_ceil(4)
 }
 
+/// The API dialect whose usage format a response carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI chat and legacy completions, embeddings, and every compatible server (Databricks,
+    /// vLLM, TGI, Gemini's OpenAI endpoint).
+    OpenAi,
+    /// The OpenAI Responses API (`/v1/responses`).
+    OpenAiResponses,
+    /// Anthropic Messages (also on Vertex, and inside Bedrock `InvokeModel`).
+    Anthropic,
+    /// Gemini API and Vertex `generateContent` / `streamGenerateContent`.
+    Gemini,
+    /// Bedrock Converse / ConverseStream.
+    Bedrock,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::OpenAiResponses => "openai-responses",
+            Api::Anthropic => "anthropic",
+            Api::Gemini => "gemini",
+            Api::Bedrock => "bedrock",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
     Sse,
     Json,
+    /// `application/vnd.amazon.eventstream`.
+    EventStream,
     /// Anything else: measured, never parsed.
     Opaque,
 }
@@ -67,17 +119,45 @@ impl BodyFormat {
             BodyFormat::Sse
         } else if mime.eq_ignore_ascii_case(b"application/json") {
             BodyFormat::Json
+        } else if mime.eq_ignore_ascii_case(b"application/vnd.amazon.eventstream") {
+            BodyFormat::EventStream
         } else {
             BodyFormat::Opaque
         }
     }
 }
 
+/// The response `content-encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    Deflate,
+    Brotli,
+    /// An encoding we cannot undo (e.g. zstd): the body is measured, never parsed.
+    Unsupported,
+}
+
+impl Encoding {
+    pub fn from_header(v: Option<&[u8]>) -> Encoding {
+        match v.map(<[u8]>::trim_ascii) {
+            None | Some(b"") => Encoding::Identity,
+            Some(e) if e.eq_ignore_ascii_case(b"identity") => Encoding::Identity,
+            Some(e) if e.eq_ignore_ascii_case(b"gzip") || e.eq_ignore_ascii_case(b"x-gzip") => {
+                Encoding::Gzip
+            }
+            Some(e) if e.eq_ignore_ascii_case(b"deflate") => Encoding::Deflate,
+            Some(e) if e.eq_ignore_ascii_case(b"br") => Encoding::Brotli,
+            Some(_) => Encoding::Unsupported,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct MeterLimits {
-    /// Largest SSE event kept whole.
+    /// Largest SSE event or event-stream frame kept whole; beyond it only its tail is searched.
     pub max_event: usize,
-    /// Bytes of a JSON body's tail kept to find its usage.
+    /// Bytes of a JSON body's (or an oversized event's) tail kept to find its usage.
     pub json_tail: usize,
 }
 
@@ -97,81 +177,94 @@ pub struct Metered {
     pub usage: Option<Usage>,
     /// Bytes of generated text seen (for estimates when `usage` is missing).
     pub text_bytes: u64,
+    /// Bytes after decompression.
     pub body_bytes: u64,
-    /// The body ended the way its format ends (`[DONE]`, a complete JSON document).
+    /// The body ended the way its format ends (`[DONE]`, a terminal event, a complete document).
     pub complete: bool,
-    /// Usage-looking events that did not decode, or events over the size cap.
+    /// The provider reported an error mid-stream (Anthropic `error`, an event-stream exception).
+    pub upstream_error: bool,
+    /// Usage-looking pieces that did not decode, oversized events, corrupt frames or encoding.
     pub malformed: u32,
 }
 
+/// The parsing core behind any decompressor: decompressed bytes arrive through `Write`.
 #[derive(Debug)]
-pub struct Meter {
+struct Core {
+    api: Api,
     format: BodyFormat,
     framer: sse::SseFramer,
+    frames: eventstream::EventStreamDecoder,
     tail: Vec<u8>,
-    limits: MeterLimits,
+    tail_cap: usize,
+    anthropic: anthropic::Accumulator,
+    scratch: Vec<u8>,
     seen: Metered,
 }
 
-impl Meter {
-    pub fn new(format: BodyFormat, limits: MeterLimits) -> Self {
-        Meter {
-            format,
-            framer: sse::SseFramer::new(limits.max_event),
-            tail: Vec::new(),
-            limits,
-            seen: Metered::default(),
-        }
+impl Write for Core {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.feed(buf);
+        Ok(buf.len())
     }
 
-    pub fn format(&self) -> BodyFormat {
-        self.format
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
+}
 
-    /// Bytes held between chunks.
-    pub fn buffered(&self) -> usize {
-        self.framer.buffered() + self.tail.len()
-    }
-
-    pub fn feed(&mut self, chunk: &[u8]) {
+impl Core {
+    fn feed(&mut self, chunk: &[u8]) {
         self.seen.body_bytes += chunk.len() as u64;
         match self.format {
             BodyFormat::Sse => {
-                let seen = &mut self.seen;
+                let (api, seen, acc) = (self.api, &mut self.seen, &mut self.anthropic);
                 self.framer
-                    .feed(chunk, &mut |ev| on_sse_event(seen, ev.data));
+                    .feed(chunk, &mut |ev| on_sse_event(api, seen, acc, ev.data));
             }
-            BodyFormat::Json => {
-                let cap = self.limits.json_tail;
-                if chunk.len() >= cap {
-                    self.tail.clear();
-                    self.tail.extend_from_slice(&chunk[chunk.len() - cap..]);
-                } else {
-                    if self.tail.len() + chunk.len() > 2 * cap {
-                        let drop = self.tail.len() + chunk.len() - cap;
-                        self.tail.drain(..drop.min(self.tail.len()));
-                    }
-                    self.tail.extend_from_slice(chunk);
-                }
+            BodyFormat::EventStream => {
+                let (api, seen, acc, scratch) = (
+                    self.api,
+                    &mut self.seen,
+                    &mut self.anthropic,
+                    &mut self.scratch,
+                );
+                self.frames
+                    .feed(chunk, &mut |f| on_frame(api, seen, acc, scratch, f));
             }
+            BodyFormat::Json => json::keep_tail(&mut self.tail, chunk, self.tail_cap),
             BodyFormat::Opaque => {}
         }
     }
 
-    /// The body has ended (or was cut off): report what was seen.
-    pub fn finish(&mut self) -> Metered {
+    fn finish(&mut self) -> Metered {
         match self.format {
-            BodyFormat::Sse => self.seen.malformed += self.framer.oversized,
+            BodyFormat::Sse => {
+                self.seen.malformed += self.framer.oversized;
+                if self.seen.usage.is_none() {
+                    // Events too large to keep whole (Responses API terminal events embed the
+                    // whole response): their tails were kept, and usage sits at the end.
+                    let tail = self.framer.take_oversized_tail();
+                    if !tail.is_empty() {
+                        self.seen.usage = usage_in_json(self.api, &mut self.anthropic, &tail);
+                    }
+                }
+                if self.api == Api::Anthropic {
+                    self.seen.usage = self.seen.usage.or_else(|| self.anthropic.usage());
+                }
+            }
+            BodyFormat::EventStream => {
+                self.seen.malformed += self.frames.corrupt;
+                if self.seen.usage.is_none() {
+                    self.seen.usage = self.anthropic.usage();
+                }
+            }
             BodyFormat::Json => {
                 self.seen.text_bytes = self.seen.body_bytes;
-                match json::last_object_after_key(&self.tail, &USAGE_KEY) {
-                    Some(r) => match openai::decode_usage(&self.tail[r]) {
-                        Some(u) => {
-                            self.seen.usage = Some(u);
-                            self.seen.complete = true;
-                        }
-                        None => self.seen.malformed += 1,
-                    },
+                match usage_in_json(self.api, &mut self.anthropic, &self.tail) {
+                    Some(u) => {
+                        self.seen.usage = Some(u);
+                        self.seen.complete = true;
+                    }
                     None => self.seen.malformed += u32::from(self.seen.body_bytes > 0),
                 }
             }
@@ -181,21 +274,281 @@ impl Meter {
     }
 }
 
-fn on_sse_event(seen: &mut Metered, data: &[u8]) {
-    if data == b"[DONE]" {
-        seen.complete = true;
-        return;
-    }
-    if json::has_object_after_key(data, &USAGE_KEY) {
-        match json::last_object_after_key(data, &USAGE_KEY)
-            .and_then(|r| openai::decode_usage(&data[r]))
-        {
-            Some(u) => seen.usage = Some(u),
-            None => seen.malformed += 1,
+/// The usage of a JSON document (or the tail of one), for `api`, falling back to the other
+/// dialects' shapes when the route's one is absent.
+fn usage_in_json(api: Api, acc: &mut anthropic::Accumulator, bytes: &[u8]) -> Option<Usage> {
+    let last = |f: &memmem::Finder<'_>| json::last_object_after_key(bytes, f).map(|r| &bytes[r]);
+    let try_api = |a: Api, acc: &mut anthropic::Accumulator| -> Option<Usage> {
+        match a {
+            Api::OpenAi => last(&USAGE_KEY).and_then(openai::decode_usage),
+            Api::OpenAiResponses => last(&USAGE_KEY).and_then(openai::decode_responses_usage),
+            Api::Anthropic => {
+                let obj = last(&USAGE_KEY)?;
+                acc.merge(obj).then(|| acc.usage()).flatten()
+            }
+            Api::Gemini => last(&USAGE_METADATA_KEY).and_then(gemini::decode_usage),
+            Api::Bedrock => last(&USAGE_KEY)
+                .and_then(bedrock::decode_usage)
+                .or_else(|| last(&METRICS_KEY).and_then(bedrock::decode_invocation_metrics)),
         }
+    };
+    try_api(api, acc).or_else(|| {
+        [
+            Api::OpenAi,
+            Api::OpenAiResponses,
+            Api::Anthropic,
+            Api::Gemini,
+            Api::Bedrock,
+        ]
+        .into_iter()
+        .filter(|a| *a != api)
+        .find_map(|a| try_api(a, &mut anthropic::Accumulator::default()))
+    })
+}
+
+fn on_sse_event(api: Api, seen: &mut Metered, acc: &mut anthropic::Accumulator, data: &[u8]) {
+    match api {
+        Api::OpenAi => {
+            if data == b"[DONE]" {
+                seen.complete = true;
+            } else if json::has_object_after_key(data, &USAGE_KEY) {
+                match json::last_object_after_key(data, &USAGE_KEY)
+                    .and_then(|r| openai::decode_usage(&data[r]))
+                {
+                    Some(u) => seen.usage = Some(u),
+                    None => seen.malformed += 1,
+                }
+            } else {
+                seen.text_bytes += json::string_len_after_key(data, &CONTENT_KEY) as u64;
+            }
+        }
+        Api::OpenAiResponses => {
+            if json::has_object_after_key(data, &USAGE_KEY) {
+                match json::last_object_after_key(data, &USAGE_KEY)
+                    .and_then(|r| openai::decode_responses_usage(&data[r]))
+                {
+                    Some(u) => seen.usage = Some(u),
+                    None => seen.malformed += 1,
+                }
+            } else {
+                seen.text_bytes += json::string_len_after_key(data, &DELTA_KEY) as u64;
+            }
+            if memmem::find(data, b"\"response.completed\"").is_some()
+                || memmem::find(data, b"\"response.incomplete\"").is_some()
+            {
+                seen.complete = true;
+            }
+            if memmem::find(data, b"\"response.failed\"").is_some() {
+                seen.upstream_error = true;
+            }
+        }
+        Api::Anthropic => {
+            if json::has_object_after_key(data, &USAGE_KEY) {
+                let merged = json::last_object_after_key(data, &USAGE_KEY)
+                    .is_some_and(|r| acc.merge(&data[r]));
+                if !merged {
+                    seen.malformed += 1;
+                }
+            } else {
+                seen.text_bytes += json::string_len_after_key(data, &TEXT_KEY) as u64;
+            }
+            if memmem::find(data, b"\"message_stop\"").is_some() {
+                seen.complete = true;
+            } else if data.starts_with(b"{\"type\":\"error\"")
+                || memmem::find(data, b"\"type\": \"error\"").is_some()
+            {
+                seen.upstream_error = true;
+            }
+        }
+        Api::Gemini | Api::Bedrock => {
+            if json::has_object_after_key(data, &USAGE_METADATA_KEY) {
+                match json::last_object_after_key(data, &USAGE_METADATA_KEY)
+                    .and_then(|r| gemini::decode_usage(&data[r]))
+                {
+                    Some(u) => seen.usage = Some(u),
+                    None => seen.malformed += 1,
+                }
+            }
+            seen.text_bytes += json::string_len_after_key(data, &TEXT_KEY) as u64;
+            if memmem::find(data, b"\"finishReason\"").is_some() {
+                seen.complete = true;
+            }
+        }
+    }
+}
+
+fn on_frame(
+    api: Api,
+    seen: &mut Metered,
+    acc: &mut anthropic::Accumulator,
+    scratch: &mut Vec<u8>,
+    f: eventstream::Frame<'_>,
+) {
+    if f.message_type == b"exception" {
+        seen.upstream_error = true;
         return;
     }
-    seen.text_bytes += json::string_len_after_key(data, &CONTENT_KEY) as u64;
+    match f.event_type {
+        b"metadata" => {
+            match json::last_object_after_key(f.payload, &USAGE_KEY)
+                .and_then(|r| bedrock::decode_usage(&f.payload[r]))
+            {
+                Some(u) => seen.usage = Some(u),
+                None => seen.malformed += 1,
+            }
+            seen.complete = true;
+        }
+        b"chunk" => {
+            // InvokeModel: {"bytes": "<base64 of the model's own event JSON>"}.
+            let Some(r) = json::string_value_after_key(f.payload, &BYTES_KEY) else {
+                return;
+            };
+            scratch.clear();
+            if base64::engine::general_purpose::STANDARD
+                .decode_vec(&f.payload[r], scratch)
+                .is_err()
+            {
+                seen.malformed += 1;
+                return;
+            }
+            let data: &[u8] = scratch;
+            if let Some(m) = json::last_object_after_key(data, &METRICS_KEY)
+                .and_then(|r| bedrock::decode_invocation_metrics(&data[r]))
+            {
+                seen.usage = Some(m);
+            }
+            let _ = api;
+            on_sse_event(Api::Anthropic, seen, acc, data);
+            if let Some(u) = acc.usage() {
+                seen.usage = Some(u);
+            }
+        }
+        _ => seen.text_bytes += json::string_len_after_key(f.payload, &TEXT_KEY) as u64,
+    }
+}
+
+/// Undoes the content encoding in front of the parsing core.
+// Identity is the common case: boxing its core would cost an allocation per stream.
+#[allow(clippy::large_enum_variant)]
+enum Decoding {
+    Identity(Core),
+    Gzip(Box<flate2::write::MultiGzDecoder<Core>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Core>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Core>>),
+}
+
+impl std::fmt::Debug for Decoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decoding::Identity(_) => "identity",
+            Decoding::Gzip(_) => "gzip",
+            Decoding::Deflate(_) => "deflate",
+            Decoding::Brotli(_) => "br",
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Meter {
+    decoding: Decoding,
+    /// The encoding failed: the rest of the body is only counted.
+    broken: bool,
+}
+
+impl Meter {
+    pub fn new(api: Api, format: BodyFormat, encoding: Encoding, limits: MeterLimits) -> Self {
+        let format = if encoding == Encoding::Unsupported {
+            BodyFormat::Opaque
+        } else {
+            format
+        };
+        let core = Core {
+            api,
+            format,
+            framer: sse::SseFramer::with_tail(limits.max_event, limits.json_tail),
+            frames: eventstream::EventStreamDecoder::new(limits.max_event.max(64 * 1024)),
+            tail: Vec::new(),
+            tail_cap: limits.json_tail,
+            anthropic: anthropic::Accumulator::default(),
+            scratch: Vec::new(),
+            seen: Metered::default(),
+        };
+        let decoding = match encoding {
+            Encoding::Identity | Encoding::Unsupported => Decoding::Identity(core),
+            Encoding::Gzip => Decoding::Gzip(Box::new(flate2::write::MultiGzDecoder::new(core))),
+            Encoding::Deflate => Decoding::Deflate(Box::new(flate2::write::ZlibDecoder::new(core))),
+            Encoding::Brotli => Decoding::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(core, 4096),
+            )),
+        };
+        Meter {
+            decoding,
+            broken: false,
+        }
+    }
+
+    fn core(&self) -> &Core {
+        match &self.decoding {
+            Decoding::Identity(c) => c,
+            Decoding::Gzip(d) => d.get_ref(),
+            Decoding::Deflate(d) => d.get_ref(),
+            Decoding::Brotli(d) => d.get_ref(),
+        }
+    }
+
+    fn core_mut(&mut self) -> &mut Core {
+        match &mut self.decoding {
+            Decoding::Identity(c) => c,
+            Decoding::Gzip(d) => d.get_mut(),
+            Decoding::Deflate(d) => d.get_mut(),
+            Decoding::Brotli(d) => d.get_mut(),
+        }
+    }
+
+    pub fn format(&self) -> BodyFormat {
+        self.core().format
+    }
+
+    /// Bytes held between chunks (decompressor windows excluded).
+    pub fn buffered(&self) -> usize {
+        let c = self.core();
+        c.framer.buffered() + c.frames.buffered() + c.tail.len() + c.scratch.capacity()
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.broken {
+            return;
+        }
+        let ok = match &mut self.decoding {
+            Decoding::Identity(c) => {
+                c.feed(chunk);
+                true
+            }
+            Decoding::Gzip(d) => d.write_all(chunk).is_ok(),
+            Decoding::Deflate(d) => d.write_all(chunk).is_ok(),
+            Decoding::Brotli(d) => d.write_all(chunk).is_ok(),
+        };
+        if !ok {
+            self.broken = true;
+            self.core_mut().seen.malformed += 1;
+        }
+    }
+
+    /// The body has ended (or was cut off): report what was seen.
+    pub fn finish(&mut self) -> Metered {
+        if !self.broken {
+            let flushed = match &mut self.decoding {
+                Decoding::Identity(_) => true,
+                Decoding::Gzip(d) => d.try_finish().is_ok(),
+                Decoding::Deflate(d) => d.try_finish().is_ok(),
+                Decoding::Brotli(d) => d.flush().is_ok(),
+            };
+            if !flushed {
+                self.core_mut().seen.malformed += 1;
+            }
+        }
+        self.core_mut().finish()
+    }
 }
 
 #[cfg(test)]
@@ -211,6 +564,7 @@ data: [DONE]\n\n";
         input: 176,
         cache_read: 1024,
         cache_write: 0,
+        cache_write_1h: 0,
         output: 350,
         reasoning: 128,
     };
@@ -221,7 +575,7 @@ data: [DONE]\n\n";
         cuts: &[usize],
         limits: MeterLimits,
     ) -> Metered {
-        let mut m = Meter::new(format, limits);
+        let mut m = Meter::new(Api::OpenAi, format, Encoding::Identity, limits);
         let mut last = 0;
         for &c in cuts.iter().chain(std::iter::once(&body.len())) {
             m.feed(&body[last..c]);
@@ -280,7 +634,7 @@ data: [DONE]\n\n";
             json_tail: 1024,
             ..MeterLimits::default()
         };
-        let mut m = Meter::new(BodyFormat::Json, limits);
+        let mut m = Meter::new(Api::OpenAi, BodyFormat::Json, Encoding::Identity, limits);
         for c in big.chunks(700) {
             m.feed(c);
             assert!(m.buffered() <= 2 * 1024);

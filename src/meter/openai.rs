@@ -51,6 +51,7 @@ pub fn decode_usage(object: &[u8]) -> Option<Usage> {
             .completion_tokens_details
             .and_then(|d| d.reasoning_tokens)
             .unwrap_or(0),
+        ..Usage::default()
     })
 }
 
@@ -70,6 +71,7 @@ mod tests {
                 input: 176,
                 cache_read: 1024,
                 cache_write: 0,
+                cache_write_1h: 0,
                 output: 350,
                 reasoning: 128
             }
@@ -82,5 +84,65 @@ mod tests {
         assert_eq!(decode_usage(br#"{"foo":1}"#), None);
         assert_eq!(decode_usage(br#"{"prompt_tokens":"x"}"#), None);
         assert_eq!(decode_usage(b"not json"), None);
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawResponsesUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    input_tokens_details: Option<InputDetails>,
+    output_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputDetails {
+    cached_tokens: Option<u64>,
+    cache_write_tokens: Option<u64>,
+}
+
+/// Decodes a Responses API `usage` object: `input_tokens` includes
+/// `input_tokens_details.cached_tokens`, `output_tokens` includes reasoning.
+pub fn decode_responses_usage(object: &[u8]) -> Option<Usage> {
+    let raw: RawResponsesUsage = serde_json::from_slice(object).ok()?;
+    if raw.input_tokens.is_none() && raw.output_tokens.is_none() {
+        return None;
+    }
+    let input = raw.input_tokens.unwrap_or(0);
+    let (cached, write) = raw.input_tokens_details.map_or((0, 0), |d| {
+        (
+            d.cached_tokens.unwrap_or(0),
+            d.cache_write_tokens.unwrap_or(0),
+        )
+    });
+    let cached = cached.min(input);
+    Some(Usage {
+        input: input - cached,
+        cache_read: cached,
+        cache_write: write,
+        output: raw.output_tokens.unwrap_or(0),
+        reasoning: raw
+            .output_tokens_details
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0),
+        ..Usage::default()
+    })
+}
+
+#[cfg(test)]
+mod responses_tests {
+    use super::*;
+
+    #[test]
+    fn responses_usage_normalises_like_chat() {
+        let u = decode_responses_usage(
+            br#"{"input_tokens":1200,"input_tokens_details":{"cached_tokens":1024},"output_tokens":350,"output_tokens_details":{"reasoning_tokens":128},"total_tokens":1550}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (u.input, u.cache_read, u.output, u.reasoning),
+            (176, 1024, 350, 128)
+        );
+        assert_eq!(decode_responses_usage(br#"{"prompt_tokens":1}"#), None);
     }
 }

@@ -4,7 +4,9 @@
 //! over at most one unfinished line (bounded by `max_event`), handles `\n`, `\r\n` and `\r`
 //! terminators (even when a `\r\n` pair is split across chunks), `:` comments, multi-line `data:`
 //! and `event:` names. Its buffers are reused, so after the first events it allocates nothing.
-//! An event larger than the cap is dropped whole and counted in [`SseFramer::oversized`].
+//! An event larger than the cap is not dispatched and is counted in [`SseFramer::oversized`]; the
+//! last `tail_cap` bytes of the latest such event are kept, because the usage of a Responses API
+//! terminal event (which embeds the whole response) sits at its end.
 
 use memchr::memchr2;
 
@@ -23,6 +25,9 @@ pub struct SseFramer {
     /// The previous chunk ended in `\r`: a `\n` at the start of the next one ends nothing.
     after_cr: bool,
     max_event: usize,
+    /// Tail of the latest oversized event.
+    over_tail: Vec<u8>,
+    tail_cap: usize,
     pub oversized: u32,
 }
 
@@ -35,6 +40,11 @@ pub struct Event<'a> {
 
 impl SseFramer {
     pub fn new(max_event: usize) -> Self {
+        SseFramer::with_tail(max_event, 0)
+    }
+
+    /// As `new`, keeping the last `tail_cap` bytes of an oversized event.
+    pub fn with_tail(max_event: usize, tail_cap: usize) -> Self {
         SseFramer {
             partial: Vec::new(),
             data: Vec::new(),
@@ -44,13 +54,34 @@ impl SseFramer {
             overflow: false,
             after_cr: false,
             max_event,
+            over_tail: Vec::new(),
+            tail_cap,
             oversized: 0,
         }
     }
 
     /// Bytes currently held between chunks.
     pub fn buffered(&self) -> usize {
-        self.partial.len() + self.data.len()
+        self.partial.len() + self.data.len() + self.over_tail.len()
+    }
+
+    /// The tail of the latest oversized event (empty if none).
+    pub fn take_oversized_tail(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.over_tail)
+    }
+
+    /// An event went over the cap: start its tail with what was held.
+    fn start_overflow(&mut self, more: &[u8]) {
+        self.over_tail.clear();
+        let held = std::mem::take(&mut self.data);
+        super::json::keep_tail(&mut self.over_tail, &held, self.tail_cap);
+        self.data = held;
+        self.data.clear();
+        let partial = std::mem::take(&mut self.partial);
+        super::json::keep_tail(&mut self.over_tail, &partial, self.tail_cap);
+        self.partial = partial;
+        self.partial.clear();
+        super::json::keep_tail(&mut self.over_tail, more, self.tail_cap);
     }
 
     /// Feeds one chunk; calls `on_event` for every event completed by it.
@@ -94,11 +125,12 @@ impl SseFramer {
 
     fn carry(&mut self, bytes: &[u8]) {
         if self.overflow {
+            super::json::keep_tail(&mut self.over_tail, bytes, self.tail_cap);
             return;
         }
         if self.partial.len() + self.data.len() + bytes.len() > self.max_event {
             self.overflow = true;
-            self.partial.clear();
+            self.start_overflow(bytes);
             return;
         }
         self.partial.extend_from_slice(bytes);
@@ -142,7 +174,7 @@ impl SseFramer {
                 }
                 if self.data.len() + value.len() + 1 > self.max_event {
                     self.oversized += 1;
-                    self.data.clear();
+                    self.start_overflow(value);
                     self.data_lines = u32::MAX;
                     return;
                 }

@@ -600,6 +600,7 @@ mod tests {
                 output: "0.60".parse().unwrap(),
                 cache_read: "0.075".parse().unwrap(),
                 cache_write: NanoUsd(0),
+                cache_write_1h: NanoUsd(0),
             },
         );
         Policy::new(budgets, prices, chrono_tz::UTC, UnpricedModel::Deny)

@@ -129,6 +129,8 @@ pub struct Price {
     pub output: NanoUsd,
     pub cache_read: NanoUsd,
     pub cache_write: NanoUsd,
+    /// Anthropic 1-hour cache writes.
+    pub cache_write_1h: NanoUsd,
 }
 
 /// Token counts per billing class, as the provider reported them (normalised; see `meter::Usage`).
@@ -138,6 +140,7 @@ pub struct TokenClasses {
     pub input: u64,
     pub cache_read: u64,
     pub cache_write: u64,
+    pub cache_write_1h: u64,
     /// Visible + reasoning output.
     pub output: u64,
 }
@@ -149,6 +152,7 @@ impl TokenClasses {
             self.input
                 .saturating_add(self.cache_read)
                 .saturating_add(self.cache_write)
+                .saturating_add(self.cache_write_1h)
                 .saturating_add(self.output),
         )
     }
@@ -160,6 +164,7 @@ impl Price {
         let sum: u128 = u128::from(t.input) * u128::from(self.input.0)
             + u128::from(t.cache_read) * u128::from(self.cache_read.0)
             + u128::from(t.cache_write) * u128::from(self.cache_write.0)
+            + u128::from(t.cache_write_1h) * u128::from(self.cache_write_1h.0)
             + u128::from(t.output) * u128::from(self.output.0);
         let nanos = sum.div_ceil(1_000_000);
         NanoUsd(u64::try_from(nanos).unwrap_or(u64::MAX))
@@ -212,11 +217,13 @@ mod tests {
             output: usd("0.60"),
             cache_read: usd("0.075"),
             cache_write: NanoUsd(0),
+            cache_write_1h: NanoUsd(0),
         };
         let t = TokenClasses {
             input: 176,
             cache_read: 1024,
             cache_write: 0,
+            cache_write_1h: 0,
             output: 350,
         };
         // 176*150_000_000 + 1024*75_000_000 + 350*600_000_000 = 26_400_000_000 + 76_800_000_000 + 210_000_000_000

@@ -24,6 +24,9 @@ pub struct PriceEntry {
     pub cache_read: Option<UsdString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write: Option<UsdString>,
+    /// Anthropic 1-hour cache writes (default: `cache_write`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h: Option<UsdString>,
     /// RFC 3339 instant the price applies from; absent = from the beginning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_from: Option<String>,
@@ -38,6 +41,11 @@ impl PriceEntry {
             // Without a cache price, cached tokens cost as much as input: never less.
             cache_read: self.cache_read.map_or(input, |u| u.0),
             cache_write: self.cache_write.map_or(input, |u| u.0),
+            // 1-hour writes default to the (5-minute) write price.
+            cache_write_1h: self
+                .cache_write_1h
+                .or(self.cache_write)
+                .map_or(input, |u| u.0),
         }
     }
 
@@ -58,6 +66,7 @@ impl PriceEntry {
             output: UsdString(p.output),
             cache_read: Some(UsdString(p.cache_read)),
             cache_write: Some(UsdString(p.cache_write)),
+            cache_write_1h: Some(UsdString(p.cache_write_1h)),
             effective_from: (effective_from_ms != 0).then(|| {
                 chrono::DateTime::<chrono::Utc>::from_timestamp_millis(effective_from_ms)
                     .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))

@@ -159,10 +159,11 @@ proptest! {
         a in (0u64..10_000_000, 0u64..10_000_000, 0u64..10_000_000, 0u64..10_000_000),
         extra in 0u64..1000,
     ) {
-        let price = Price { input: NanoUsd(p.0), output: NanoUsd(p.1), cache_read: NanoUsd(p.2), cache_write: NanoUsd(p.3) };
-        let t = TokenClasses { input: a.0, output: a.1, cache_read: a.2, cache_write: a.3 };
+        let price = Price { input: NanoUsd(p.0), output: NanoUsd(p.1), cache_read: NanoUsd(p.2), cache_write: NanoUsd(p.3), cache_write_1h: NanoUsd(p.3 * 2) };
+        let t = TokenClasses { input: a.0, output: a.1, cache_read: a.2, cache_write: a.3, cache_write_1h: a.3 / 3 };
         let exact = u128::from(a.0) * u128::from(p.0) + u128::from(a.1) * u128::from(p.1)
-            + u128::from(a.2) * u128::from(p.2) + u128::from(a.3) * u128::from(p.3);
+            + u128::from(a.2) * u128::from(p.2) + u128::from(a.3) * u128::from(p.3)
+            + u128::from(a.3 / 3) * u128::from(p.3 * 2);
         let cost = u128::from(price.cost(&t).0);
         prop_assert!(cost * 1_000_000 >= exact && cost * 1_000_000 < exact + 1_000_000);
         let more = TokenClasses { output: a.1 + extra, ..t };

@@ -94,6 +94,7 @@ fn debit(
             input: tokens / 2,
             cache_read: 0,
             cache_write: 0,
+            cache_write_1h: 0,
             output: tokens - tokens / 2,
             reasoning: 0,
             cost: NanoUsd(tokens * 10),
@@ -295,6 +296,7 @@ async fn prices_keep_their_history(s: Store) {
         output: NanoUsd(2 * n),
         cache_read: NanoUsd(n / 2),
         cache_write: NanoUsd(n),
+        cache_write_1h: NanoUsd(3 * n),
     };
     s.set_price(&PriceRow {
         model: "m".into(),

@@ -61,6 +61,7 @@ pub struct UsageEvent {
     pub input: u64,
     pub cache_read: u64,
     pub cache_write: u64,
+    pub cache_write_1h: u64,
     pub output: u64,
     pub reasoning: u64,
     pub cost: NanoUsd,
@@ -77,6 +78,7 @@ impl UsageEvent {
         self.input
             .saturating_add(self.cache_read)
             .saturating_add(self.cache_write)
+            .saturating_add(self.cache_write_1h)
             .saturating_add(self.output)
     }
 }

@@ -16,6 +16,10 @@ use crate::policy::{BudgetId, CounterKey, NanoUsd, Price};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres_0001_init.sql")),
     (2, include_str!("migrations/postgres_0002_policy.sql")),
+    (
+        3,
+        include_str!("migrations/postgres_0003_cache_write_1h.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -151,7 +155,7 @@ impl PgStore {
         }
         let prices = tx
             .query(
-                "SELECT model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos \
+                "SELECT model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos, cache_write_1h_nanos \
                  FROM tb_prices ORDER BY model, effective_from_ms",
                 &[],
             )
@@ -166,6 +170,7 @@ impl PgStore {
                     output: NanoUsd(to_u64(r.get(3))),
                     cache_read: NanoUsd(to_u64(r.get(4))),
                     cache_write: NanoUsd(to_u64(r.get(5))),
+                    cache_write_1h: NanoUsd(to_u64(r.get(6))),
                 },
             })
             .collect();
@@ -239,9 +244,9 @@ impl PgStore {
                 .query(
                     "INSERT INTO tb_usage_events (event_id, request_id, ts_ms, principal, model, family, \
                        input_tokens, cache_read_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
-                       cost_nanos, estimated, outcome, unpriced) \
+                       cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens) \
                      SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], \
-                       $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[], $15::bool[]) \
+                       $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[], $15::bool[], $16::int8[]) \
                      ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
                     &[
                         &ids,
@@ -259,6 +264,7 @@ impl PgStore {
                         &ev.iter().map(|e| e.estimated).collect::<Vec<bool>>(),
                         &col_s(|e| &e.outcome),
                         &ev.iter().map(|e| e.unpriced).collect::<Vec<bool>>(),
+                        &col_i(|e| to_i64(e.cache_write_1h)),
                     ],
                 )
                 .await
@@ -389,11 +395,11 @@ impl PgStore {
         let tx = c.transaction().await.map_err(db_err)?;
         let p = &row.price;
         tx.execute(
-            "INSERT INTO tb_prices (model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO tb_prices (model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos, cache_write_1h_nanos) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (model, effective_from_ms) DO UPDATE SET input_nanos = EXCLUDED.input_nanos, \
                output_nanos = EXCLUDED.output_nanos, cache_read_nanos = EXCLUDED.cache_read_nanos, \
-               cache_write_nanos = EXCLUDED.cache_write_nanos",
+               cache_write_nanos = EXCLUDED.cache_write_nanos, cache_write_1h_nanos = EXCLUDED.cache_write_1h_nanos",
             &[
                 &row.model,
                 &row.effective_from_ms,
@@ -401,6 +407,7 @@ impl PgStore {
                 &to_i64(p.output.0),
                 &to_i64(p.cache_read.0),
                 &to_i64(p.cache_write.0),
+                &to_i64(p.cache_write_1h.0),
             ],
         )
         .await
@@ -441,7 +448,7 @@ impl PgStore {
         let rows = c
             .query(
                 "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
-                   cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced \
+                   cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens \
                  FROM (SELECT * FROM tb_usage_events WHERE ($1::text IS NULL OR request_id = $1) \
                        ORDER BY ts_ms DESC, event_id DESC LIMIT $2) e ORDER BY ts_ms, event_id",
                 &[&request_id, &limit],
@@ -466,6 +473,7 @@ impl PgStore {
                 estimated: r.get(12),
                 outcome: r.get(13),
                 unpriced: r.get(14),
+                cache_write_1h: to_u64(r.get(15)),
             })
             .collect())
     }

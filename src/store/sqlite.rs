@@ -15,6 +15,7 @@ use crate::policy::{Budget, BudgetId, CounterKey, NanoUsd, Price};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/sqlite_0001_init.sql")),
     (2, include_str!("migrations/sqlite_0002_policy.sql")),
+    (3, include_str!("migrations/sqlite_0003_cache_write_1h.sql")),
 ];
 
 #[derive(Clone)]
@@ -143,7 +144,7 @@ impl SqliteStore {
             {
                 let mut st = tx
                     .prepare(
-                        "SELECT model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos \
+                        "SELECT model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos, cache_write_1h_nanos \
                          FROM tb_prices ORDER BY model, effective_from_ms",
                     )
                     .map_err(db_err)?;
@@ -157,6 +158,7 @@ impl SqliteStore {
                                 output: NanoUsd(to_u64(r.get(3)?)),
                                 cache_read: NanoUsd(to_u64(r.get(4)?)),
                                 cache_write: NanoUsd(to_u64(r.get(5)?)),
+                                cache_write_1h: NanoUsd(to_u64(r.get(6)?)),
                             },
                         })
                     })
@@ -236,8 +238,8 @@ impl SqliteStore {
                     .prepare_cached(
                         "INSERT INTO tb_usage_events (event_id, request_id, ts_ms, principal, model, family, \
                            input_tokens, cache_read_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
-                           cost_nanos, estimated, outcome, unpriced) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+                           cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
                          ON CONFLICT (event_id) DO NOTHING",
                     )
                     .map_err(db_err)?;
@@ -260,6 +262,7 @@ impl SqliteStore {
                             e.estimated,
                             e.outcome,
                             e.unpriced,
+                            to_i64(e.cache_write_1h),
                         ])
                         .map_err(db_err)?;
                     if n == 1 {
@@ -368,18 +371,19 @@ impl SqliteStore {
             let tx = c.transaction().map_err(db_err)?;
             let p = row.price;
             tx.execute(
-                "INSERT INTO tb_prices (model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                "INSERT INTO tb_prices (model, effective_from_ms, input_nanos, output_nanos, cache_read_nanos, cache_write_nanos, cache_write_1h_nanos) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
                  ON CONFLICT (model, effective_from_ms) DO UPDATE SET input_nanos = excluded.input_nanos, \
                    output_nanos = excluded.output_nanos, cache_read_nanos = excluded.cache_read_nanos, \
-                   cache_write_nanos = excluded.cache_write_nanos",
+                   cache_write_nanos = excluded.cache_write_nanos, cache_write_1h_nanos = excluded.cache_write_1h_nanos",
                 params![
                     row.model,
                     row.effective_from_ms,
                     to_i64(p.input.0),
                     to_i64(p.output.0),
                     to_i64(p.cache_read.0),
-                    to_i64(p.cache_write.0)
+                    to_i64(p.cache_write.0),
+                    to_i64(p.cache_write_1h.0)
                 ],
             )
             .map_err(db_err)?;
@@ -424,7 +428,7 @@ impl SqliteStore {
             let mut st = c
                 .prepare(
                     "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
-                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced \
+                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens \
                      FROM (SELECT * FROM tb_usage_events WHERE (?1 IS NULL OR request_id = ?1) \
                            ORDER BY ts_ms DESC, event_id DESC LIMIT ?2) ORDER BY ts_ms, event_id",
                 )
@@ -447,6 +451,7 @@ impl SqliteStore {
                         estimated: r.get(12)?,
                         outcome: r.get(13)?,
                         unpriced: r.get(14)?,
+                        cache_write_1h: to_u64(r.get(15)?),
                     })
                 })
                 .map_err(db_err)?;
