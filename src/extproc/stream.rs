@@ -392,10 +392,11 @@ impl StreamState {
                 true,
             ),
         };
-        let outcome = match (aborted, m.usage.is_some()) {
-            (true, _) => "aborted",
-            (false, true) => "complete",
-            (false, false) => "no_usage",
+        let outcome = match (aborted, m.upstream_error, m.usage.is_some()) {
+            (true, _, _) => "aborted",
+            (false, true, _) => "upstream_error",
+            (false, false, true) => "complete",
+            (false, false, false) => "no_usage",
         };
         if estimated || m.malformed > 0 {
             tracing::info!(request_id = %self.request_id, outcome, malformed = m.malformed, "settling with estimated usage");

@@ -13,6 +13,8 @@
 pub mod anthropic;
 pub mod bedrock;
 pub mod eventstream;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod gemini;
 pub mod json;
 pub mod openai;
@@ -89,6 +91,17 @@ pub enum Api {
 }
 
 impl Api {
+    pub fn parse(s: &str) -> Option<Api> {
+        Some(match s {
+            "openai" => Api::OpenAi,
+            "openai-responses" => Api::OpenAiResponses,
+            "anthropic" => Api::Anthropic,
+            "gemini" => Api::Gemini,
+            "bedrock" => Api::Bedrock,
+            _ => return None,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Api::OpenAi => "openai",
@@ -319,7 +332,10 @@ fn on_sse_event(api: Api, seen: &mut Metered, acc: &mut anthropic::Accumulator, 
                     None => seen.malformed += 1,
                 }
             } else {
-                seen.text_bytes += json::string_len_after_key(data, &CONTENT_KEY) as u64;
+                // Chat deltas carry `content`, legacy completions `text`.
+                seen.text_bytes += (json::string_len_after_key(data, &CONTENT_KEY)
+                    + json::string_len_after_key(data, &TEXT_KEY))
+                    as u64;
             }
         }
         Api::OpenAiResponses => {

@@ -67,7 +67,7 @@ pub struct UsageEvent {
     pub cost: NanoUsd,
     /// True when the provider reported no usage and the counts are our estimate.
     pub estimated: bool,
-    /// `complete`, `aborted`, `no_usage`.
+    /// `complete`, `aborted`, `no_usage`, `upstream_error` (the provider failed mid-stream).
     pub outcome: String,
     /// The model had no price when settled: `cost` is zero and should not be trusted.
     pub unpriced: bool,

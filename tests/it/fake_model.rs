@@ -8,6 +8,9 @@
 //! - `x-fake-cut-after: N` — after N chunks, send half an event and abort the connection
 //! - `x-fake-malformed: 1` — send a usage chunk whose JSON is cut off
 //! - `x-fake-status: CODE` — answer with this HTTP error
+//! - `x-fake-fixture: NAME` — answer with `tests/fixtures/NAME.body` (its content type from
+//!   `NAME.toml`) in 64-byte pieces; with `x-fake-gzip: 1` gzipped; with
+//!   `x-fake-cut-at-byte: N` the connection is cut after N bytes
 //!
 //! Every request is recorded (`requests()` in process, `GET /_fake/requests` over HTTP).
 #![allow(dead_code)]
@@ -125,6 +128,7 @@ async fn complete(
     let cut_after = header(&headers, "x-fake-cut-after").and_then(|v| v.parse::<u64>().ok());
     let malformed = header(&headers, "x-fake-malformed") == Some("1");
     let status = num(&headers, "x-fake-status", 200);
+    let fixture = header(&headers, "x-fake-fixture").map(str::to_owned);
 
     let reports_usage = req.is_object()
         && status == 200
@@ -144,6 +148,9 @@ async fn complete(
     };
     if let Ok(mut s) = fake.seen.lock() {
         s.push(seen);
+    }
+    if let Some(name) = fixture {
+        return serve_fixture(&name, &headers).await;
     }
     if !first_delay.is_zero() {
         tokio::time::sleep(first_delay).await;
@@ -237,4 +244,56 @@ async fn complete(
 
 fn json_response(code: StatusCode, v: Value) -> Response {
     (code, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+/// Serves a recorded provider response from `tests/fixtures/`.
+async fn serve_fixture(name: &str, headers: &HeaderMap) -> Response {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (Ok(mut body), Ok(meta)) = (
+        std::fs::read(dir.join(format!("{name}.body"))),
+        std::fs::read_to_string(dir.join(format!("{name}.toml"))),
+    ) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no fixture {name}")}),
+        );
+    };
+    let content_type = meta
+        .lines()
+        .find_map(|l| l.strip_prefix("content_type = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap_or("application/json")
+        .to_owned();
+    let gzip = header(headers, "x-fake-gzip") == Some("1");
+    if gzip {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let _ = enc.write_all(&body);
+        body = enc.finish().unwrap_or_default();
+    }
+    let cut = header(headers, "x-fake-cut-at-byte").and_then(|v| v.parse::<usize>().ok());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let end = cut.unwrap_or(body.len()).min(body.len());
+        for piece in body[..end].chunks(64) {
+            if tx.send(Ok(Bytes::copy_from_slice(piece))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if cut.is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(Err(std::io::Error::other("fake cut"))).await;
+        }
+    });
+    let mut resp = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type);
+    if gzip {
+        resp = resp.header("content-encoding", "gzip");
+    }
+    resp.body(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }

@@ -7,3 +7,4 @@ mod envoy_configs;
 mod fake_model;
 mod harness;
 mod policy;
+mod providers;
