@@ -15,6 +15,8 @@ pub mod bedrock;
 pub mod eventstream;
 #[cfg(test)]
 pub(crate) mod fixtures;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gemini;
 pub mod json;
 pub mod openai;
@@ -678,5 +680,50 @@ data: [DONE]\n\n";
             BodyFormat::from_content_type(b"text/plain"),
             BodyFormat::Opaque
         );
+    }
+}
+
+#[cfg(test)]
+mod allocation_tests {
+    use super::*;
+
+    /// A long stream of `events` content events plus the usage event, in 512-byte chunks so
+    /// events straddle chunk boundaries.
+    fn long_stream(api: Api, events: usize) -> Vec<u8> {
+        let mut s = Vec::new();
+        for i in 0..events {
+            let ev = match api {
+                Api::Anthropic => format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"token {i} \"}}}}\n\n"),
+                _ => format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"),
+            };
+            s.extend_from_slice(ev.as_bytes());
+        }
+        match api {
+            Api::Anthropic => s.extend_from_slice(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":5,\"output_tokens\":900}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+            _ => s.extend_from_slice(b"data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":900,\"total_tokens\":905}}\n\ndata: [DONE]\n\n"),
+        }
+        s
+    }
+
+    /// After the first chunks sized the carry-over buffers, metering allocates nothing per chunk,
+    /// usage event included (measured per thread by a counting global allocator).
+    #[test]
+    fn metering_allocates_nothing_per_chunk_in_the_steady_state() {
+        for api in [Api::OpenAi, Api::Anthropic] {
+            let body = long_stream(api, 2000);
+            let chunks: Vec<&[u8]> = body.chunks(512).collect();
+            let mut m = Meter::new(api, BodyFormat::Sse, Encoding::Identity, MeterLimits::default());
+            for c in &chunks[..20] {
+                m.feed(c);
+            }
+            let info = allocation_counter::measure(|| {
+                for c in &chunks[20..] {
+                    m.feed(c);
+                }
+            });
+            assert_eq!(info.count_total, 0, "{api:?}: {} allocations over {} chunks", info.count_total, chunks.len() - 20);
+            let seen = m.finish();
+            assert_eq!(seen.usage.map(|u| u.output), Some(900), "{api:?}");
+        }
     }
 }
