@@ -621,12 +621,31 @@ mod tests {
     #[test]
     fn a_response_body_chunk_allocates_nothing_in_our_code() {
         let sh = shared(1_000_000);
-        let mut s = StreamState::new(Arc::clone(&sh), RouteHints { model: Some("m".into()), inject_usage: Some(false), ..Default::default() });
-        s.on_message(msg(In::RequestHeaders(headers(&[(":method", "POST"), (":path", "/v1/chat/completions"), ("x-tokenbudget-principal", "alice")], false))));
-        s.on_message(msg(In::ResponseHeaders(headers(&[(":status", "200"), ("content-type", "text/event-stream")], false))));
+        let mut s = StreamState::new(
+            Arc::clone(&sh),
+            RouteHints {
+                model: Some("m".into()),
+                inject_usage: Some(false),
+                ..Default::default()
+            },
+        );
+        s.on_message(msg(In::RequestHeaders(headers(
+            &[
+                (":method", "POST"),
+                (":path", "/v1/chat/completions"),
+                ("x-tokenbudget-principal", "alice"),
+            ],
+            false,
+        ))));
+        s.on_message(msg(In::ResponseHeaders(headers(
+            &[(":status", "200"), ("content-type", "text/event-stream")],
+            false,
+        ))));
         let event = b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
         // Messages as Envoy would deliver them (decoding them is prost's allocation, not ours).
-        let mut messages: Vec<ep::ProcessingRequest> = (0..200).map(|_| msg(body(&event.repeat(10)[..700], false, true))).collect();
+        let mut messages: Vec<ep::ProcessingRequest> = (0..200)
+            .map(|_| msg(body(&event.repeat(10)[..700], false, true)))
+            .collect();
         for m in messages.drain(..10) {
             if let Step::ReplyThenMeter(_, b, eos) = s.on_message(m) {
                 s.meter_chunk(&b, eos);
@@ -634,13 +653,23 @@ mod tests {
         }
         let info = allocation_counter::measure(|| {
             for m in messages.drain(..) {
-                let Step::ReplyThenMeter(reply, b, eos) = s.on_message(m) else { panic!() };
+                let Step::ReplyThenMeter(reply, b, eos) = s.on_message(m) else {
+                    panic!()
+                };
                 s.meter_chunk(&b, eos);
                 drop(reply);
             }
         });
-        assert_eq!(info.count_total, 0, "{} allocations for 190 chunks", info.count_total);
-        assert!(s.buffered() < 2048, "carry-over per stream: {} bytes", s.buffered());
+        assert_eq!(
+            info.count_total, 0,
+            "{} allocations for 190 chunks",
+            info.count_total
+        );
+        assert!(
+            s.buffered() < 2048,
+            "carry-over per stream: {} bytes",
+            s.buffered()
+        );
     }
 
     #[test]

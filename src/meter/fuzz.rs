@@ -2,7 +2,10 @@
 //! arbitrary bytes, drives one parser the way a hostile upstream could, and checks the invariants
 //! that must hold whatever the input (no panic, bounded memory).
 
-use super::{Api, BodyFormat, Encoding, Meter, MeterLimits, anthropic, bedrock, eventstream, gemini, openai, sse};
+use super::{
+    Api, BodyFormat, Encoding, Meter, MeterLimits, anthropic, bedrock, eventstream, gemini, openai,
+    sse,
+};
 
 /// Splits `data` into chunks at offsets taken from its first bytes, so the fuzzer explores
 /// chunk boundaries as well as content.
@@ -20,7 +23,10 @@ fn chunks(data: &[u8]) -> (Vec<&[u8]>, &[u8]) {
     (out, rest)
 }
 
-const LIMITS: MeterLimits = MeterLimits { max_event: 4096, json_tail: 2048 };
+const LIMITS: MeterLimits = MeterLimits {
+    max_event: 4096,
+    json_tail: 2048,
+};
 
 /// SSE framing: every event dispatched lies within the input, and memory stays under the cap.
 pub fn sse_framing(data: &[u8]) {
@@ -88,8 +94,11 @@ pub fn usage_bedrock(data: &[u8]) {
     meter(Api::Bedrock, data);
 }
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the corpus directories are named after them).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("sse_framing", sse_framing),
     ("aws_eventstream", aws_eventstream),
     ("usage_openai", usage_openai),
@@ -110,7 +119,8 @@ mod tests {
         let mut total = 0;
         for (name, run) in TARGETS {
             let dir = root.join(name);
-            let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let entries =
+                std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
             for e in entries {
                 let data = std::fs::read(e.unwrap().path()).unwrap();
                 run(&data);

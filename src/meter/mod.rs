@@ -693,8 +693,12 @@ mod allocation_tests {
         let mut s = Vec::new();
         for i in 0..events {
             let ev = match api {
-                Api::Anthropic => format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"token {i} \"}}}}\n\n"),
-                _ => format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"),
+                Api::Anthropic => format!(
+                    "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"token {i} \"}}}}\n\n"
+                ),
+                _ => format!(
+                    "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+                ),
             };
             s.extend_from_slice(ev.as_bytes());
         }
@@ -712,7 +716,12 @@ mod allocation_tests {
         for api in [Api::OpenAi, Api::Anthropic] {
             let body = long_stream(api, 2000);
             let chunks: Vec<&[u8]> = body.chunks(512).collect();
-            let mut m = Meter::new(api, BodyFormat::Sse, Encoding::Identity, MeterLimits::default());
+            let mut m = Meter::new(
+                api,
+                BodyFormat::Sse,
+                Encoding::Identity,
+                MeterLimits::default(),
+            );
             for c in &chunks[..20] {
                 m.feed(c);
             }
@@ -721,7 +730,13 @@ mod allocation_tests {
                     m.feed(c);
                 }
             });
-            assert_eq!(info.count_total, 0, "{api:?}: {} allocations over {} chunks", info.count_total, chunks.len() - 20);
+            assert_eq!(
+                info.count_total,
+                0,
+                "{api:?}: {} allocations over {} chunks",
+                info.count_total,
+                chunks.len() - 20
+            );
             let seen = m.finish();
             assert_eq!(seen.usage.map(|u| u.output), Some(900), "{api:?}");
         }

@@ -1,0 +1,190 @@
+//! Criterion benchmarks of the per-request hot path: the usage scanner per API family (bytes/s
+//! over realistic streams fed in 16 KiB chunks, the HTTP/2 DATA frame size), and the admission
+//! decision from memory with 10 matching budgets. Numbers go to BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tokenbudget::meter::eventstream::encode_frame;
+use tokenbudget::meter::{Api, BodyFormat, Encoding, Meter, MeterLimits};
+use tokenbudget::policy::{
+    Action, Admission, Ask, Budget, BudgetId, Counters, Limit, ModelSet, Policy, PriceBook,
+    Principal, Scope, Subject, SubjectKind, TokenClasses, Tokens, UnpricedModel, Window,
+    WindowUnit,
+};
+
+/// A realistic stream: `n` content events then the usage event, as each provider writes them.
+fn stream(api: Api, n: usize) -> (BodyFormat, Vec<u8>) {
+    let mut s = Vec::new();
+    match api {
+        Api::OpenAi => {
+            for i in 0..n {
+                s.extend(format!("data: {{\"id\":\"chatcmpl-AbC123\",\"object\":\"chat.completion.chunk\",\"created\":1733000000,\"model\":\"gpt-4o-2024-08-06\",\"system_fingerprint\":\"fp_abc\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" token{i}\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n").bytes());
+            }
+            s.extend(b"data: {\"id\":\"chatcmpl-AbC123\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":1200,\"completion_tokens\":350,\"total_tokens\":1550,\"prompt_tokens_details\":{\"cached_tokens\":1024},\"completion_tokens_details\":{\"reasoning_tokens\":128}}}\n\ndata: [DONE]\n\n");
+            (BodyFormat::Sse, s)
+        }
+        Api::Anthropic => {
+            s.extend(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":1800,\"output_tokens\":1}}}\n\n");
+            for i in 0..n {
+                s.extend(format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\" token{i}\"}}}}\n\n").bytes());
+            }
+            s.extend(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":512}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+            (BodyFormat::Sse, s)
+        }
+        Api::OpenAiResponses => {
+            for i in 0..n {
+                s.extend(format!("event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{i},\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\" token{i}\"}}\n\n").bytes());
+            }
+            s.extend(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"status\":\"completed\",\"usage\":{\"input_tokens\":1200,\"output_tokens\":350}}}\n\n");
+            (BodyFormat::Sse, s)
+        }
+        Api::Gemini => {
+            for i in 0..n {
+                s.extend(format!("data: {{\"candidates\":[{{\"content\":{{\"role\":\"model\",\"parts\":[{{\"text\":\" token{i}\"}}]}},\"index\":0}}],\"usageMetadata\":{{\"promptTokenCount\":7477,\"candidatesTokenCount\":{i},\"totalTokenCount\":{}}},\"modelVersion\":\"gemini-2.5-pro\"}}\n\n", 7477 + i).bytes());
+            }
+            (BodyFormat::Sse, s)
+        }
+        Api::Bedrock => {
+            for i in 0..n {
+                let payload = format!(
+                    "{{\"contentBlockIndex\":0,\"delta\":{{\"text\":\" token{i}\"}},\"p\":\"abcdefghijkl\"}}"
+                );
+                s.extend(encode_frame(
+                    &[
+                        (":event-type", "contentBlockDelta"),
+                        (":content-type", "application/json"),
+                        (":message-type", "event"),
+                    ],
+                    payload.as_bytes(),
+                ));
+            }
+            s.extend(encode_frame(&[(":event-type", "metadata"), (":message-type", "event")], br#"{"usage":{"inputTokens":30,"outputTokens":256,"totalTokens":286},"metrics":{"latencyMs":1}}"#));
+            (BodyFormat::EventStream, s)
+        }
+    }
+}
+
+fn scanner(c: &mut Criterion) {
+    let mut g = c.benchmark_group("usage_scanner");
+    for api in [
+        Api::OpenAi,
+        Api::Anthropic,
+        Api::OpenAiResponses,
+        Api::Gemini,
+        Api::Bedrock,
+    ] {
+        let (format, body) = stream(api, 4000);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(api.as_str(), |b| {
+            b.iter(|| {
+                let mut m = Meter::new(api, format, Encoding::Identity, MeterLimits::default());
+                for chunk in body.chunks(16 * 1024) {
+                    m.feed(black_box(chunk));
+                }
+                black_box(m.finish())
+            })
+        });
+    }
+    // A 1 MB embeddings-like JSON body: only its tail is searched.
+    let mut json = b"{\"object\":\"list\",\"data\":[{\"embedding\":[".to_vec();
+    while json.len() < 1 << 20 {
+        json.extend_from_slice(b"0.0123456,");
+    }
+    json.extend_from_slice(b"0.1]}],\"usage\":{\"prompt_tokens\":8,\"total_tokens\":8}}");
+    g.throughput(Throughput::Bytes(json.len() as u64));
+    g.bench_function("openai_json_1mb", |b| {
+        b.iter(|| {
+            let mut m = Meter::new(
+                Api::OpenAi,
+                BodyFormat::Json,
+                Encoding::Identity,
+                MeterLimits::default(),
+            );
+            for chunk in json.chunks(16 * 1024) {
+                m.feed(black_box(chunk));
+            }
+            black_box(m.finish())
+        })
+    });
+    g.finish();
+}
+
+fn decision(c: &mut Criterion) {
+    let budget = |i: usize, kind: SubjectKind, name: &str| Budget {
+        id: BudgetId(Arc::from(format!("b{i}"))),
+        name: format!("budget {i}"),
+        subject: Subject {
+            kind,
+            name: name.into(),
+        },
+        scope: Scope::Shared,
+        models: if i.is_multiple_of(2) {
+            ModelSet::All
+        } else {
+            ModelSet::only(["gpt-4o", "gpt-4o-mini"])
+        },
+        limit: Limit::Tokens(Tokens(u64::MAX / 4)),
+        window: match i % 3 {
+            0 => Window::Calendar {
+                unit: WindowUnit::Day,
+                every: 1,
+            },
+            1 => Window::Calendar {
+                unit: WindowUnit::Month,
+                every: 1,
+            },
+            _ => Window::Rolling {
+                unit: WindowUnit::Hour,
+                every: 1,
+            },
+        },
+        action: Action::Enforce,
+        is_override: false,
+        enabled: true,
+    };
+    let mut budgets: Vec<Budget> = (0..10)
+        .map(|i| match i % 3 {
+            0 => budget(i, SubjectKind::User, "alice"),
+            1 => budget(i, SubjectKind::Group, "ml"),
+            _ => budget(i, SubjectKind::Everyone, ""),
+        })
+        .collect();
+    // Budgets of other principals, which must be skipped.
+    budgets.extend((10..100).map(|i| budget(i, SubjectKind::User, "someone-else")));
+    let policy = Policy::new(
+        budgets,
+        PriceBook::default(),
+        chrono_tz::UTC,
+        UnpricedModel::Allow,
+    );
+    let alice = Principal::user("alice").with_groups(["ml", "eng"]);
+    let ask = Ask {
+        principal: &alice,
+        model: Some("gpt-4o"),
+        estimate: TokenClasses {
+            input: 500,
+            output: 1000,
+            ..Default::default()
+        },
+    };
+    let now: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_default();
+    let mut counters = Counters::default();
+    assert_eq!(policy.matching(&alice, Some("gpt-4o")).len(), 10);
+    c.bench_function("decision_admit_release_10_budgets_of_100", |b| {
+        b.iter(|| {
+            if let Admission::Allowed { reservation, .. } =
+                counters.admit(&policy, black_box(&ask), now)
+            {
+                counters.release(&reservation);
+            }
+        })
+    });
+}
+
+criterion_group!(benches, scanner, decision);
+criterion_main!(benches);
