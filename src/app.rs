@@ -20,7 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::extproc::ExtProcService;
-use crate::ledger::{Ledger, PolicySettings, writer};
+use crate::ledger::{Ledger, writer};
 use crate::store::Store;
 
 /// gRPC health service name Envoy's health checks ask for.
@@ -75,12 +75,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
     let store = open_store(&config, &clock).await?;
     apply_config_budgets(&config, &store, &clock).await?;
     let ledger = Ledger::new(
-        PolicySettings {
-            tz: config.timezone,
-            unpriced: config.unpriced,
-            models: config.models.clone(),
-            groups: config.groups.clone(),
-        },
+        config.policy_settings(),
         Arc::clone(&clock),
         config.queue_capacity,
     );

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::ledger::{Ledger, PolicySettings, writer};
+use crate::ledger::{Ledger, writer};
 use crate::policy::prices::{PriceEntry, PriceFile, parse_price_file};
 use crate::policy::{
     Admission, Ask, Budget, BudgetSpec, BudgetStatus, DenyReason, Limit, ModelSet, NanoUsd, Price,
@@ -202,16 +202,7 @@ async fn loaded_ledger(
     store: &Store,
     clock: &SharedClock,
 ) -> anyhow::Result<Arc<Ledger>> {
-    let ledger = Ledger::new(
-        PolicySettings {
-            tz: config.timezone,
-            unpriced: config.unpriced,
-            models: config.models.clone(),
-            groups: config.groups.clone(),
-        },
-        Arc::clone(clock),
-        1,
-    );
+    let ledger = Ledger::new(config.policy_settings(), Arc::clone(clock), 1);
     writer::load(&ledger, store)
         .await
         .context("loading budgets and counters")?;

@@ -258,6 +258,16 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 ];
 
 impl Config {
+    /// What the ledger needs from the config to build policy snapshots.
+    pub fn policy_settings(&self) -> crate::ledger::PolicySettings {
+        crate::ledger::PolicySettings {
+            tz: self.timezone,
+            unpriced: self.unpriced,
+            models: self.models.clone(),
+            groups: self.groups.clone(),
+        }
+    }
+
     /// Reads `path` (if any) and applies overrides from `env`.
     pub fn load(
         path: Option<&Path>,

@@ -1,5 +1,5 @@
 //! Helpers for tests of this crate and of its integration suite: a fresh Postgres database per
-//! test. Not used by the binary.
+//! test, and the provider fixtures. Not used by the binary.
 
 use std::str::FromStr;
 
@@ -73,5 +73,78 @@ impl Drop for TestDb {
             });
         })
         .join();
+    }
+}
+
+/// The provider response fixtures in `tests/fixtures/` (see its README).
+#[allow(clippy::panic)] // test support: a broken fixture must fail loudly
+pub mod fixtures {
+    use std::path::PathBuf;
+
+    use serde::Deserialize;
+
+    use crate::meter::Usage;
+
+    #[derive(Deserialize)]
+    pub struct Fixture {
+        /// The request path and body that produce the response.
+        pub path: String,
+        pub request: String,
+        pub content_type: String,
+        pub api: String,
+        #[serde(default)]
+        pub upstream_error: bool,
+        pub usage: ExpectedUsage,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct ExpectedUsage {
+        pub input: u64,
+        pub cache_read: u64,
+        pub cache_write: u64,
+        pub cache_write_1h: u64,
+        pub output: u64,
+        pub reasoning: u64,
+    }
+
+    impl ExpectedUsage {
+        pub fn usage(&self) -> Usage {
+            Usage {
+                input: self.input,
+                cache_read: self.cache_read,
+                cache_write: self.cache_write,
+                cache_write_1h: self.cache_write_1h,
+                output: self.output,
+                reasoning: self.reasoning,
+            }
+        }
+    }
+
+    pub fn dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    }
+
+    /// Every fixture: (name, description, body).
+    pub fn all() -> Vec<(String, Fixture, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir()).unwrap_or_else(|e| panic!("fixture: {e}")) {
+            let path = entry.unwrap_or_else(|e| panic!("fixture: {e}")).path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let name = path
+                    .file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let fixture: Fixture = toml::from_str(
+                    &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture: {e}")),
+                )
+                .unwrap_or_else(|e| panic!("fixture: {e}"));
+                let body = std::fs::read(path.with_extension("body"))
+                    .unwrap_or_else(|e| panic!("fixture: {e}"));
+                out.push((name, fixture, body));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }

@@ -3,70 +3,9 @@
 //! small pieces. Each must give exactly the fixture's usage.
 
 use std::io::Write;
-use std::path::PathBuf;
 
-use serde::Deserialize;
-
-use super::{Api, BodyFormat, Encoding, Meter, MeterLimits, Metered, Usage};
-
-#[derive(Deserialize)]
-pub struct Fixture {
-    /// The request path and body (used by the integration suite, not here).
-    #[allow(dead_code)]
-    pub path: String,
-    #[allow(dead_code)]
-    pub request: String,
-    pub content_type: String,
-    pub api: String,
-    #[serde(default)]
-    pub upstream_error: bool,
-    pub usage: ExpectedUsage,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExpectedUsage {
-    input: u64,
-    cache_read: u64,
-    cache_write: u64,
-    cache_write_1h: u64,
-    output: u64,
-    reasoning: u64,
-}
-
-impl ExpectedUsage {
-    pub fn usage(&self) -> Usage {
-        Usage {
-            input: self.input,
-            cache_read: self.cache_read,
-            cache_write: self.cache_write,
-            cache_write_1h: self.cache_write_1h,
-            output: self.output,
-            reasoning: self.reasoning,
-        }
-    }
-}
-
-pub fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// Every fixture: (name, description, body).
-pub fn all() -> Vec<(String, Fixture, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-            let fixture: Fixture =
-                toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            let body = std::fs::read(path.with_extension("body")).unwrap();
-            out.push((name, fixture, body));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
+use super::{Api, BodyFormat, Encoding, Meter, MeterLimits, Metered};
+use crate::testkit::fixtures::{Fixture, all};
 
 fn run(f: &Fixture, encoding: Encoding, pieces: &[&[u8]]) -> Metered {
     let api = Api::parse(&f.api).unwrap();

@@ -73,63 +73,50 @@ fn matching_brace(b: &[u8], open: usize) -> Option<usize> {
     None
 }
 
-/// Length of the JSON string value of the first `"<key>":"…"` (escapes count as one byte),
-/// used to estimate streamed text. Cheap: no decoding.
-pub fn string_len_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> usize {
-    let mut total = 0;
-    for at in finder.find_iter(bytes) {
+/// Every string value that follows `"<key>":` in `bytes`, as (range without quotes, length with
+/// escapes counted as one byte). A string cut off at the end of `bytes` runs to its end.
+fn string_values<'a>(
+    bytes: &'a [u8],
+    finder: &'a memmem::Finder<'_>,
+) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> + 'a {
+    finder.find_iter(bytes).filter_map(move |at| {
         let mut i = skip_ws(bytes, at + finder.needle().len());
         if bytes.get(i) != Some(&b':') {
-            continue;
+            return None;
         }
         i = skip_ws(bytes, i + 1);
         if bytes.get(i) != Some(&b'"') {
-            continue;
+            return None;
         }
-        i += 1;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'\\' => {
-                    i += 2;
-                    total += 1;
-                }
-                b'"' => break,
-                _ => {
-                    i += 1;
-                    total += 1;
-                }
+        let start = i + 1;
+        let (mut j, mut len) = (start, 0);
+        while j < bytes.len() {
+            match bytes[j] {
+                b'\\' => j += 2,
+                b'"' => return Some((start..j, len)),
+                _ => j += 1,
             }
+            len += 1;
         }
-    }
-    total
+        Some((start..bytes.len(), len))
+    })
 }
 
-/// The byte range of the string value of the first `"<key>": "…"`, without its quotes (escapes
-/// are not undone).
+/// Total length of the string values of `"<key>":"…"` (escapes count as one byte), used to
+/// estimate streamed text. Cheap: no decoding.
+pub fn string_len_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> usize {
+    string_values(bytes, finder).map(|(_, len)| len).sum()
+}
+
+/// The byte range of the first complete string value of `"<key>": "…"`, without its quotes
+/// (escapes are not undone).
 pub fn string_value_after_key(
     bytes: &[u8],
     finder: &memmem::Finder<'_>,
 ) -> Option<std::ops::Range<usize>> {
-    for at in finder.find_iter(bytes) {
-        let mut i = skip_ws(bytes, at + finder.needle().len());
-        if bytes.get(i) != Some(&b':') {
-            continue;
-        }
-        i = skip_ws(bytes, i + 1);
-        if bytes.get(i) != Some(&b'"') {
-            continue;
-        }
-        let start = i + 1;
-        let mut j = start;
-        while j < bytes.len() {
-            match bytes[j] {
-                b'\\' => j += 2,
-                b'"' => return Some(start..j),
-                _ => j += 1,
-            }
-        }
-    }
-    None
+    string_values(bytes, finder)
+        .map(|(r, _)| r)
+        .find(|r| r.end < bytes.len())
 }
 
 /// Appends `chunk` to `tail`, keeping at most about `cap` bytes (between `cap` and `2 × cap`

@@ -3,44 +3,16 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use tokenbudget::meter::Usage;
+use tokenbudget::testkit::fixtures::{self, Fixture};
 
 use crate::harness::{Backend, Stack, eventually, jwt, read_all, repo_path};
 
-#[derive(Deserialize)]
-struct Fixture {
-    path: String,
-    request: String,
-    #[serde(default)]
-    upstream_error: bool,
-    usage: Usage,
-}
-
-#[derive(Deserialize, Default, Debug, PartialEq, Eq)]
-#[serde(default)]
-struct Usage {
-    input: u64,
-    cache_read: u64,
-    cache_write: u64,
-    cache_write_1h: u64,
-    output: u64,
-    reasoning: u64,
-}
-
 fn fixtures() -> Vec<(String, Fixture)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(repo_path("tests/fixtures")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "toml") {
-            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-            out.push((
-                name,
-                toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap(),
-            ));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    fixtures::all()
+        .into_iter()
+        .map(|(name, f, _)| (name, f))
+        .collect()
 }
 
 /// Sends fixture `name`'s request through Envoy; returns the request id the upstream saw.
@@ -114,7 +86,7 @@ async fn every_provider_format_is_debited_exactly_through_envoy() {
         let (status, rid, body) = send(&stack, name, f, &[]).await;
         assert_eq!(status, 200, "{name}: {body}");
         let e = event_of(&stack, &rid).await;
-        assert_eq!(usage_of(&e), f.usage, "{name}");
+        assert_eq!(usage_of(&e), f.usage.usage(), "{name}");
         assert!(!e.estimated, "{name}");
         let outcome = if f.upstream_error {
             "upstream_error"
@@ -152,7 +124,7 @@ async fn gzip_responses_are_metered() {
         let (status, rid, _) = send(&stack, name, f, &[("x-fake-gzip", "1")]).await;
         assert_eq!(status, 200, "{name}");
         let e = event_of(&stack, &rid).await;
-        assert_eq!(usage_of(&e), f.usage, "{name} gzipped");
+        assert_eq!(usage_of(&e), f.usage.usage(), "{name} gzipped");
         assert!(!e.estimated);
     }
 }
