@@ -78,6 +78,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         config.policy_settings(),
         Arc::clone(&clock),
         config.queue_capacity,
+        Arc::new(crate::metrics::Metrics::new()),
     );
     writer::load(&ledger, &store)
         .await

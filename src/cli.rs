@@ -202,7 +202,12 @@ async fn loaded_ledger(
     store: &Store,
     clock: &SharedClock,
 ) -> anyhow::Result<Arc<Ledger>> {
-    let ledger = Ledger::new(config.policy_settings(), Arc::clone(clock), 1);
+    let ledger = Ledger::new(
+        config.policy_settings(),
+        Arc::clone(clock),
+        1,
+        Arc::default(),
+    );
     writer::load(&ledger, store)
         .await
         .context("loading budgets and counters")?;

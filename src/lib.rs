@@ -15,6 +15,7 @@ pub mod extproc;
 pub mod identity;
 pub mod ledger;
 pub mod meter;
+pub mod metrics;
 pub mod policy;
 pub mod store;
 #[doc(hidden)]

@@ -18,9 +18,24 @@ pub struct AdminState {
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// Prometheus exposition (OpenMetrics text).
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let m = &s.ledger.metrics;
+    m.queue_depth
+        .set(i64::try_from(s.ledger.queue_depth()).unwrap_or(i64::MAX));
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
 }
 
 /// Alive: the process serves HTTP.

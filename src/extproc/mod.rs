@@ -14,7 +14,6 @@ pub mod request;
 pub mod stream;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
 use ep::external_processor_server::ExternalProcessor;
@@ -59,7 +58,6 @@ impl Default for ExtProcConfig {
 pub struct Shared {
     pub config: ExtProcConfig,
     pub ledger: Arc<Ledger>,
-    pub active_streams: AtomicI64,
 }
 
 #[derive(Clone)]
@@ -70,16 +68,12 @@ pub struct ExtProcService {
 impl ExtProcService {
     pub fn new(config: ExtProcConfig, ledger: Arc<Ledger>) -> Self {
         ExtProcService {
-            shared: Arc::new(Shared {
-                config,
-                ledger,
-                active_streams: AtomicI64::new(0),
-            }),
+            shared: Arc::new(Shared { config, ledger }),
         }
     }
 
     pub fn active_streams(&self) -> i64 {
-        self.shared.active_streams.load(Ordering::Relaxed)
+        self.shared.ledger.metrics.active_streams.get()
     }
 }
 
@@ -122,7 +116,7 @@ async fn run_stream(
     mut inbound: Streaming<ep::ProcessingRequest>,
     tx: mpsc::Sender<Result<ep::ProcessingResponse, Status>>,
 ) {
-    shared.active_streams.fetch_add(1, Ordering::Relaxed);
+    shared.ledger.metrics.active_streams.inc();
     let end = loop {
         match inbound.message().await {
             Ok(Some(msg)) => {
@@ -146,5 +140,5 @@ async fn run_stream(
         }
     };
     state.finish(end);
-    shared.active_streams.fetch_sub(1, Ordering::Relaxed);
+    shared.ledger.metrics.active_streams.dec();
 }

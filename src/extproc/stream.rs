@@ -165,6 +165,7 @@ impl StreamState {
         if self.principal.is_none() {
             self.phase = Phase::Done;
             tracing::debug!(request_id = %self.request_id, "no identity");
+            self.shared.ledger.metrics.decisions.no_identity.inc();
             return reply::no_identity(self.family);
         }
         let has_body = !h.end_of_stream && get(":method") == Some("POST");
@@ -244,7 +245,13 @@ impl StreamState {
             },
         };
         let ledger = &self.shared.ledger;
+        let started = std::time::Instant::now();
         let admission = ledger.admit(&ask);
+        let decisions = &ledger.metrics.decisions;
+        ledger
+            .metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
         let now = ledger.clock().now();
         let (shadow, outcome) = match admission {
             Admission::Allowed {
@@ -255,6 +262,10 @@ impl StreamState {
                 self.reservation = reservation;
                 self.binding = binding;
                 self.phase = Phase::Admitted;
+                decisions.allowed.inc();
+                if !shadow.is_empty() {
+                    decisions.shadow_would_deny.inc();
+                }
                 (shadow, Ok(()))
             }
             Admission::Denied { denial, shadow } => {
@@ -262,6 +273,10 @@ impl StreamState {
                 tracing::info!(request_id = %self.request_id, principal = %principal.key(),
                     budget = %denial.status.name, reason = ?denial.reason, "denied");
                 self.record_deny(&denial, "");
+                match denial.reason {
+                    crate::policy::DenyReason::ModelNotPriced => decisions.denied_unpriced.inc(),
+                    _ => decisions.denied.inc(),
+                };
                 (
                     shadow,
                     Err(Box::new(reply::denied(
@@ -423,7 +438,6 @@ impl StreamState {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicI64;
 
     use envoy_types::pb::envoy::config::core::v3::HeaderMap;
     use ep::processing_response::Response as Out;
@@ -453,6 +467,7 @@ mod tests {
             },
             clock,
             100,
+            Arc::default(),
         );
         ledger.install_policy(PolicyRows {
             version: 1,
@@ -480,7 +495,6 @@ mod tests {
         Arc::new(Shared {
             config: ExtProcConfig::default(),
             ledger,
-            active_streams: AtomicI64::new(0),
         })
     }
 

@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
 use crate::clock::SharedClock;
+use crate::metrics::Metrics;
 use crate::policy::{
     Admission, Amount, Ask, BudgetId, Counters, ModelAliases, Policy, PriceBook, Reservation,
     TokenClasses, UnpricedModel,
@@ -50,16 +51,6 @@ pub struct Settlement {
     pub outcome: &'static str,
 }
 
-#[derive(Debug, Default)]
-pub struct LedgerStats {
-    pub settled: AtomicU64,
-    pub flushed: AtomicU64,
-    pub batches: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub store_errors: AtomicU64,
-    pub overflowed: AtomicU64,
-}
-
 #[derive(Default)]
 struct Inbox {
     batch: Batch,
@@ -76,11 +67,16 @@ pub struct Ledger {
     capacity: usize,
     ready: AtomicBool,
     store_ok: AtomicBool,
-    pub stats: LedgerStats,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Ledger {
-    pub fn new(settings: PolicySettings, clock: SharedClock, capacity: usize) -> Arc<Ledger> {
+    pub fn new(
+        settings: PolicySettings,
+        clock: SharedClock,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Ledger> {
         Arc::new(Ledger {
             policy: ArcSwap::from_pointee(Policy::new(
                 Vec::new(),
@@ -97,7 +93,7 @@ impl Ledger {
             capacity,
             ready: AtomicBool::new(false),
             store_ok: AtomicBool::new(false),
-            stats: LedgerStats::default(),
+            metrics,
         })
     }
 
@@ -182,7 +178,21 @@ impl Ledger {
             outcome: s.outcome.to_string(),
             unpriced,
         };
-        self.stats.settled.fetch_add(1, Ordering::Relaxed);
+        let t = &s.tokens;
+        let priced_model = price.map(|_| policy.models.canonical(&event.model).into_owned());
+        self.metrics.settled(
+            s.outcome,
+            priced_model.as_deref(),
+            [
+                ("input", t.input),
+                ("cache_read", t.cache_read),
+                ("cache_write", t.cache_write),
+                ("cache_write_1h", t.cache_write_1h),
+                ("output", t.output),
+            ],
+            cost.0,
+            s.estimated,
+        );
         self.enqueue(|b| b.debits.push(Debit { event, deltas }));
     }
 
@@ -201,7 +211,7 @@ impl Ledger {
         let mut inbox = self.inbox();
         add(&mut inbox.batch);
         if inbox.batch.len() > self.capacity {
-            self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.queue_overflow.inc();
         }
         drop(inbox);
         self.wake.notify_one();

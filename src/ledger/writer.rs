@@ -2,7 +2,6 @@
 //! and the final flush at shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -65,15 +64,11 @@ async fn flush_once(ledger: &Ledger, store: &Store, max: usize) -> Result<usize,
     match store.write_batch(&batch).await {
         Ok(outcome) => {
             ledger.mark_flushed(&batch);
-            ledger
-                .stats
-                .flushed
-                .fetch_add(outcome.inserted as u64, Ordering::Relaxed);
-            ledger
-                .stats
-                .duplicates
-                .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
-            ledger.stats.batches.fetch_add(1, Ordering::Relaxed);
+            let m = &ledger.metrics;
+            m.events_written.inc_by(outcome.inserted as u64);
+            m.duplicates.inc_by(outcome.duplicates as u64);
+            m.batches.inc();
+            m.batch_size.observe(batch.len() as f64);
             Ok(batch.len())
         }
         Err(e) => {
@@ -113,7 +108,7 @@ pub async fn run(
                     Ok(()) => ledger.set_store_ok(true),
                     Err(e) => {
                         ledger.set_store_ok(false);
-                        ledger.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                        ledger.metrics.store_errors.inc();
                         tracing::warn!(error = %e, "store sync failed; admitting from memory");
                     }
                 }
@@ -129,7 +124,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     ledger.set_store_ok(false);
-                    ledger.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    ledger.metrics.store_errors.inc();
                     tracing::warn!(error = %e, queued = ledger.queue_depth(), "batch write failed; will retry");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

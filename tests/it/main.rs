@@ -6,5 +6,6 @@ mod core;
 mod envoy_configs;
 mod fake_model;
 mod harness;
+mod metrics;
 mod policy;
 mod providers;

@@ -50,11 +50,7 @@ async fn send(
 async fn settled(stack: &Stack, n: u64) {
     let ledger = Arc::clone(&stack.sidecar().ledger);
     eventually(&format!("{n} settled"), Duration::from_secs(5), || {
-        let done = ledger
-            .stats
-            .settled
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= n;
+        let done = ledger.metrics.settled_total() >= n;
         async move { done }
     })
     .await;

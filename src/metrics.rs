@@ -1,0 +1,248 @@
+//! Every Prometheus metric, registered once at start. The request path holds pre-resolved handles
+//! (plain atomics); labelled families are touched at decision and settlement, never per chunk.
+//! Label values are bounded: outcomes and token classes are fixed sets, and a model is named only
+//! when it has a price (any other model string, which a client controls, is `other`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenClass {
+    model: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Model {
+    model: String,
+}
+
+/// Decisions by outcome, resolved once.
+#[derive(Clone, Debug)]
+pub struct Decisions {
+    pub allowed: Counter,
+    pub denied: Counter,
+    pub denied_unpriced: Counter,
+    pub no_identity: Counter,
+    /// Allowed requests that a shadow budget would have denied.
+    pub shadow_would_deny: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: Decisions,
+    /// Time to decide from memory, at the request headers or buffered body.
+    pub decision_seconds: Histogram,
+    settled: Family<Outcome, Counter>,
+    /// Requests settled with our estimate (no provider usage).
+    pub estimated: Counter,
+    /// Requests settled for a model without a price.
+    pub unpriced: Counter,
+    tokens: Family<TokenClass, Counter>,
+    cost: Family<Model, Counter>,
+    pub active_streams: Gauge,
+    pub queue_depth: Gauge,
+    /// Records per store transaction.
+    pub batch_size: Histogram,
+    pub batches: Counter,
+    pub store_errors: Counter,
+    /// Usage events written (new), and replays the store ignored as duplicates.
+    pub events_written: Counter,
+    pub duplicates: Counter,
+    /// Debits queued beyond the soft capacity (kept, never dropped).
+    pub queue_overflow: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tokenbudget");
+        let decisions_family = Family::<Outcome, Counter>::default();
+        let outcome = |o| {
+            decisions_family
+                .get_or_create(&Outcome { outcome: o })
+                .clone()
+        };
+        let decisions = Decisions {
+            allowed: outcome("allowed"),
+            denied: outcome("denied"),
+            denied_unpriced: outcome("denied_unpriced"),
+            no_identity: outcome("no_identity"),
+            shadow_would_deny: outcome("shadow_would_deny"),
+        };
+        registry.register(
+            "decisions",
+            "Admission decisions by outcome",
+            decisions_family,
+        );
+        let decision_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 16));
+        registry.register(
+            "decision_seconds",
+            "Time to decide from memory",
+            decision_seconds.clone(),
+        );
+        let settled = Family::<Outcome, Counter>::default();
+        registry.register(
+            "settled",
+            "Requests settled, by how the stream ended",
+            settled.clone(),
+        );
+        let estimated = Counter::default();
+        registry.register(
+            "settled_estimated",
+            "Requests settled with an estimate (no provider usage)",
+            estimated.clone(),
+        );
+        let unpriced = Counter::default();
+        registry.register(
+            "settled_unpriced",
+            "Requests settled for a model without a price",
+            unpriced.clone(),
+        );
+        let tokens = Family::<TokenClass, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens settled, by model and class",
+            tokens.clone(),
+        );
+        let cost = Family::<Model, Counter>::default();
+        registry.register(
+            "cost_nanodollars",
+            "Cost settled in nano-USD, by model",
+            cost.clone(),
+        );
+        let active_streams = Gauge::default();
+        registry.register(
+            "active_streams",
+            "Envoy ext_proc streams open",
+            active_streams.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Debits and denies waiting to be written",
+            queue_depth.clone(),
+        );
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "batch_size",
+            "Records per store transaction",
+            batch_size.clone(),
+        );
+        let batches = Counter::default();
+        registry.register("batches", "Store transactions written", batches.clone());
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Failed store operations",
+            store_errors.clone(),
+        );
+        let events_written = Counter::default();
+        registry.register(
+            "events_written",
+            "Usage events written to the store",
+            events_written.clone(),
+        );
+        let duplicates = Counter::default();
+        registry.register(
+            "duplicate_events",
+            "Replayed usage events the store already had",
+            duplicates.clone(),
+        );
+        let queue_overflow = Counter::default();
+        registry.register(
+            "queue_overflow",
+            "Debits queued beyond the soft capacity",
+            queue_overflow.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            decision_seconds,
+            settled,
+            estimated,
+            unpriced,
+            tokens,
+            cost,
+            active_streams,
+            queue_depth,
+            batch_size,
+            batches,
+            store_errors,
+            events_written,
+            duplicates,
+            queue_overflow,
+        }
+    }
+
+    /// Records one settled request. `model` is `None` for a model without a price.
+    #[allow(clippy::too_many_arguments)]
+    pub fn settled(
+        &self,
+        outcome: &'static str,
+        model: Option<&str>,
+        classes: [(&'static str, u64); 5],
+        cost_nanos: u64,
+        estimated: bool,
+    ) {
+        self.settled.get_or_create(&Outcome { outcome }).inc();
+        if estimated {
+            self.estimated.inc();
+        }
+        let model = match model {
+            Some(m) => m.to_owned(),
+            None => {
+                self.unpriced.inc();
+                "other".to_owned()
+            }
+        };
+        for (class, n) in classes {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenClass {
+                        model: model.clone(),
+                        class,
+                    })
+                    .inc_by(n);
+            }
+        }
+        if cost_nanos > 0 {
+            self.cost.get_or_create(&Model { model }).inc_by(cost_nanos);
+        }
+    }
+
+    /// Requests settled so far, all outcomes.
+    pub fn settled_total(&self) -> u64 {
+        ["complete", "aborted", "no_usage", "upstream_error"]
+            .into_iter()
+            .map(|o| self.settled.get_or_create(&Outcome { outcome: o }).get())
+            .sum()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
