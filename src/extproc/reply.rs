@@ -119,6 +119,19 @@ pub fn request_body_replaced(body: Vec<u8>) -> ep::ProcessingResponse {
     respond(Out::RequestBody(r))
 }
 
+/// Replace one streamed response chunk (the rest of the stream passes unchanged).
+pub fn response_body_replaced(body: Vec<u8>) -> ep::ProcessingResponse {
+    let r = ep::BodyResponse {
+        response: Some(ep::CommonResponse {
+            body_mutation: Some(ep::BodyMutation {
+                mutation: Some(ep::body_mutation::Mutation::Body(body)),
+            }),
+            ..Default::default()
+        }),
+    };
+    respond(Out::ResponseBody(r))
+}
+
 pub fn trailers_pass(request: bool) -> ep::ProcessingResponse {
     let t = ep::TrailersResponse::default();
     respond(if request {

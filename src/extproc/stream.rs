@@ -77,6 +77,8 @@ pub struct StreamState {
     meter: Option<Meter>,
     /// The response body reached its end (`end_of_stream` on a body or trailers message).
     response_ended: bool,
+    /// We added `include_usage` the client did not ask for: withhold the usage-only event.
+    strip_usage_event: bool,
 }
 
 fn header_value<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
@@ -107,6 +109,7 @@ impl StreamState {
             binding: None,
             meter: None,
             response_ended: false,
+            strip_usage_event: false,
         }
     }
 
@@ -128,7 +131,19 @@ impl StreamState {
             In::RequestTrailers(_) => Step::Reply(reply::trailers_pass(true)),
             In::ResponseHeaders(h) => Step::Reply(self.on_response_headers(h)),
             In::ResponseBody(b) => {
-                Step::ReplyThenMeter(reply::body_pass(false), b.body, b.end_of_stream)
+                let reply = match self
+                    .strip_usage_event
+                    .then(|| crate::meter::openai::usage_only_event(&b.body))
+                {
+                    Some(Some(r)) => {
+                        let mut shown = Vec::with_capacity(b.body.len() - r.len());
+                        shown.extend_from_slice(&b.body[..r.start]);
+                        shown.extend_from_slice(&b.body[r.end..]);
+                        reply::response_body_replaced(shown)
+                    }
+                    _ => reply::body_pass(false),
+                };
+                Step::ReplyThenMeter(reply, b.body, b.end_of_stream)
             }
             In::ResponseTrailers(_) => {
                 self.response_ended = true;
@@ -202,6 +217,7 @@ impl StreamState {
                 }
                 if self.injectable {
                     replaced = request::inject_include_usage(&body, &facts);
+                    self.strip_usage_event = replaced.is_some();
                 }
                 self.facts = facts;
             }
@@ -617,7 +633,22 @@ mod tests {
         let Step::ReplyThenMeter(r, bytes, eos) = step else {
             panic!()
         };
-        assert!(matches!(r.response, Some(Out::ResponseBody(_))));
+        let Some(Out::ResponseBody(rb)) = &r.response else {
+            panic!()
+        };
+        let mutation = rb
+            .response
+            .as_ref()
+            .and_then(|c| c.body_mutation.as_ref())
+            .and_then(|m| m.mutation.as_ref());
+        let Some(ep::body_mutation::Mutation::Body(shown)) = mutation else {
+            panic!("usage event not withheld: {r:?}")
+        };
+        assert_eq!(
+            shown.as_slice(),
+            b"data: [DONE]\n\n",
+            "the client sees the stream without the injected usage event"
+        );
         s.meter_chunk(&bytes, eos);
         let r = reply(s.on_message(msg(In::ResponseTrailers(ep::HttpTrailers::default()))));
         assert!(matches!(r.response, Some(Out::ResponseTrailers(_))));

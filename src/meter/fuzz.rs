@@ -67,6 +67,9 @@ fn meter(api: Api, data: &[u8]) {
 pub fn usage_openai(data: &[u8]) {
     let _ = openai::decode_usage(data);
     let _ = openai::decode_responses_usage(data);
+    if let Some(r) = openai::usage_only_event(data) {
+        assert!(r.start < r.end && r.end <= data.len());
+    }
     meter(Api::OpenAi, data);
     meter(Api::OpenAiResponses, data);
 }

@@ -29,7 +29,15 @@ pub fn last_object_after_key(
 
 /// Whether `bytes` contains `"<key>"` followed by `:` and an object (cheap pre-filter).
 pub fn has_object_after_key(bytes: &[u8], finder: &memmem::Finder<'_>) -> bool {
-    finder.find_iter(bytes).any(|at| {
+    objects_after_key(bytes, finder).next().is_some()
+}
+
+/// Positions of every `"<key>"` that is followed by `:` and an object.
+pub fn objects_after_key<'a>(
+    bytes: &'a [u8],
+    finder: &'a memmem::Finder<'_>,
+) -> impl Iterator<Item = usize> + 'a {
+    finder.find_iter(bytes).filter(move |&at| {
         let i = skip_ws(bytes, at + finder.needle().len());
         bytes.get(i) == Some(&b':') && bytes.get(skip_ws(bytes, i + 1)) == Some(&b'{')
     })

@@ -146,3 +146,69 @@ mod responses_tests {
         assert_eq!(decode_responses_usage(br#"{"prompt_tokens":1}"#), None);
     }
 }
+
+#[derive(Deserialize)]
+struct UsageOnlyProbe {
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+    usage: Option<serde::de::IgnoredAny>,
+}
+
+/// The byte range, within `chunk`, of a complete usage-only chat event (`data: {…"choices":[],
+/// "usage":{…}}` and its blank line), so it can be withheld from a client that did not ask for
+/// usage. `None` when the chunk has no such event or holds only part of it.
+pub fn usage_only_event(chunk: &[u8]) -> Option<std::ops::Range<usize>> {
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    super::json::objects_after_key(chunk, &USAGE).find_map(|at| {
+        let line_start = chunk[..at]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        if !chunk[line_start..].starts_with(b"data:") {
+            return None;
+        }
+        // The event must end inside the chunk: its line, then an empty line.
+        let nl = line_start + memchr::memchr(b'\n', &chunk[line_start..])?;
+        let end = match chunk.get(nl + 1) {
+            Some(b'\n') => nl + 2,
+            Some(b'\r') if chunk.get(nl + 2) == Some(&b'\n') => nl + 3,
+            _ => return None,
+        };
+        let data = chunk[line_start + 5..nl].trim_ascii();
+        let probe: UsageOnlyProbe = serde_json::from_slice(data).ok()?;
+        let no_choices = probe.choices.is_none_or(|c| c.is_empty());
+        (no_choices && probe.usage.is_some()).then_some(line_start..end)
+    })
+}
+
+#[cfg(test)]
+mod usage_only_tests {
+    use super::*;
+
+    #[test]
+    fn finds_only_complete_usage_only_events() {
+        let usage = b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
+        let mut chunk =
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":null}\n\n".to_vec();
+        let start = chunk.len();
+        chunk.extend_from_slice(usage);
+        chunk.extend_from_slice(b"data: [DONE]\n\n");
+        assert_eq!(usage_only_event(&chunk), Some(start..start + usage.len()));
+        // choices null or absent (compatible servers) count; a content chunk that carries usage does not.
+        assert!(
+            usage_only_event(b"data: {\"choices\":null,\"usage\":{\"prompt_tokens\":1}}\n\n")
+                .is_some()
+        );
+        assert!(usage_only_event(b"data: {\"usage\":{\"prompt_tokens\":1}}\r\n\r\n").is_some());
+        assert_eq!(
+            usage_only_event(
+                b"data: {\"choices\":[{\"index\":0}],\"usage\":{\"prompt_tokens\":1}}\n\n"
+            ),
+            None
+        );
+        // Cut before its end: left alone.
+        assert_eq!(usage_only_event(&usage[..usage.len() - 1]), None);
+        assert_eq!(usage_only_event(&usage[10..]), None);
+    }
+}

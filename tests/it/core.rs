@@ -60,6 +60,11 @@ async fn daily_budget_is_debited_exactly_then_denied(backend: Backend) {
         assert!(resp.headers().contains_key("ratelimit-policy"));
         let body = read_all(resp).await;
         assert!(body.contains("[DONE]"), "stream ended: {body}");
+        assert!(body.contains("word0"), "content passes: {body}");
+        assert!(
+            !body.contains("\"usage\":{"),
+            "the usage chunk we asked for on the client's behalf is withheld: {body}"
+        );
         ok += 1;
     }
     assert_eq!(ok, 4);

@@ -85,6 +85,12 @@ async fn every_provider_format_is_debited_exactly_through_envoy() {
     for (name, f) in &all {
         let (status, rid, body) = send(&stack, name, f, &[]).await;
         assert_eq!(status, 200, "{name}: {body}");
+        if name == "openai-chat-stream" {
+            assert!(
+                body.contains("\"usage\":{"),
+                "a client that asked for usage gets it"
+            );
+        }
         let e = event_of(&stack, &rid).await;
         assert_eq!(usage_of(&e), f.usage.usage(), "{name}");
         assert!(!e.estimated, "{name}");
