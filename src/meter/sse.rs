@@ -106,6 +106,32 @@ impl SseFramer {
                     None => self.after_cr = true,
                 }
             }
+            // Fast path, the common case: a whole one-line event (`data: …` then an empty line)
+            // inside this chunk is dispatched straight from it, without copying.
+            if self.partial.is_empty()
+                && !self.overflow
+                && self.data_lines == 0
+                && let Some(v) = chunk[..line_end].strip_prefix(b"data:")
+            {
+                let value = v.strip_prefix(b" ").unwrap_or(v);
+                let blank_end = match (chunk.get(next), chunk.get(next + 1)) {
+                    (Some(b'\n'), _) => Some(next + 1),
+                    (Some(b'\r'), Some(b'\n')) => Some(next + 2),
+                    (Some(b'\r'), Some(_)) => Some(next + 1),
+                    _ => None,
+                };
+                if let Some(end) = blank_end
+                    && value.len() < self.max_event
+                {
+                    on_event(Event {
+                        name: &self.event[..self.event_len],
+                        data: value,
+                    });
+                    self.event_len = 0;
+                    chunk = &chunk[end..];
+                    continue;
+                }
+            }
             if self.partial.is_empty() && !self.overflow {
                 self.line(&chunk[..line_end], on_event);
             } else {
