@@ -40,6 +40,8 @@ static TEXT_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"text\""));
 static DELTA_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"delta\""));
+static FINISH_REASON_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"finishReason\""));
 static BYTES_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"bytes\""));
 
@@ -233,8 +235,9 @@ impl Core {
         match self.format {
             BodyFormat::Sse => {
                 let (api, seen, acc) = (self.api, &mut self.seen, &mut self.anthropic);
-                self.framer
-                    .feed(chunk, &mut |ev| on_sse_event(api, seen, acc, ev.data));
+                self.framer.feed(chunk, &mut |ev| {
+                    on_sse_event(api, seen, acc, ev.name, ev.data)
+                });
             }
             BodyFormat::EventStream => {
                 let (api, seen, acc, scratch) = (
@@ -321,7 +324,30 @@ fn usage_in_json(api: Api, acc: &mut anthropic::Accumulator, bytes: &[u8]) -> Op
     })
 }
 
-fn on_sse_event(api: Api, seen: &mut Metered, acc: &mut anthropic::Accumulator, data: &[u8]) {
+/// The SSE `event:` name, or when the event has none, the `"type"` its JSON data starts with.
+fn event_type<'a>(name: &'a [u8], data: &'a [u8]) -> &'a [u8] {
+    if !name.is_empty() {
+        return name;
+    }
+    let Some(rest) = data
+        .strip_prefix(b"{\"type\":")
+        .map(<[u8]>::trim_ascii_start)
+    else {
+        return b"";
+    };
+    let Some(rest) = rest.strip_prefix(b"\"") else {
+        return b"";
+    };
+    memchr::memchr(b'"', rest).map_or(b"", |end| &rest[..end])
+}
+
+fn on_sse_event(
+    api: Api,
+    seen: &mut Metered,
+    acc: &mut anthropic::Accumulator,
+    name: &[u8],
+    data: &[u8],
+) {
     match api {
         Api::OpenAi => {
             if data == b"[DONE]" {
@@ -340,44 +366,49 @@ fn on_sse_event(api: Api, seen: &mut Metered, acc: &mut anthropic::Accumulator, 
                     as u64;
             }
         }
-        Api::OpenAiResponses => {
-            if json::has_object_after_key(data, &USAGE_KEY) {
-                match json::last_object_after_key(data, &USAGE_KEY)
-                    .and_then(|r| openai::decode_responses_usage(&data[r]))
-                {
-                    Some(u) => seen.usage = Some(u),
-                    None => seen.malformed += 1,
-                }
-            } else {
+        Api::OpenAiResponses => match event_type(name, data) {
+            // Text deltas are most of the stream and never carry usage.
+            b"response.output_text.delta" | b"response.reasoning_summary_text.delta" => {
                 seen.text_bytes += json::string_len_after_key(data, &DELTA_KEY) as u64;
             }
-            if memmem::find(data, b"\"response.completed\"").is_some()
-                || memmem::find(data, b"\"response.incomplete\"").is_some()
-            {
-                seen.complete = true;
-            }
-            if memmem::find(data, b"\"response.failed\"").is_some() {
-                seen.upstream_error = true;
-            }
-        }
-        Api::Anthropic => {
-            if json::has_object_after_key(data, &USAGE_KEY) {
-                let merged = json::last_object_after_key(data, &USAGE_KEY)
-                    .is_some_and(|r| acc.merge(&data[r]));
-                if !merged {
-                    seen.malformed += 1;
+            kind => {
+                if json::has_object_after_key(data, &USAGE_KEY) {
+                    match json::last_object_after_key(data, &USAGE_KEY)
+                        .and_then(|r| openai::decode_responses_usage(&data[r]))
+                    {
+                        Some(u) => seen.usage = Some(u),
+                        None => seen.malformed += 1,
+                    }
+                } else {
+                    seen.text_bytes += json::string_len_after_key(data, &DELTA_KEY) as u64;
                 }
-            } else {
-                seen.text_bytes += json::string_len_after_key(data, &TEXT_KEY) as u64;
+                match kind {
+                    b"response.completed" | b"response.incomplete" => seen.complete = true,
+                    b"response.failed" | b"error" => seen.upstream_error = true,
+                    _ => {}
+                }
             }
-            if memmem::find(data, b"\"message_stop\"").is_some() {
-                seen.complete = true;
-            } else if data.starts_with(b"{\"type\":\"error\"")
-                || memmem::find(data, b"\"type\": \"error\"").is_some()
-            {
-                seen.upstream_error = true;
+        },
+        Api::Anthropic => match event_type(name, data) {
+            // Usage rides only on message_start and message_delta (and events of unknown type).
+            b"content_block_delta" => {
+                seen.text_bytes += json::string_len_after_key(data, &TEXT_KEY) as u64
             }
-        }
+            b"ping" | b"content_block_start" | b"content_block_stop" => {}
+            b"message_stop" => seen.complete = true,
+            b"error" => seen.upstream_error = true,
+            _ => {
+                if json::has_object_after_key(data, &USAGE_KEY) {
+                    let merged = json::last_object_after_key(data, &USAGE_KEY)
+                        .is_some_and(|r| acc.merge(&data[r]));
+                    if !merged {
+                        seen.malformed += 1;
+                    }
+                } else {
+                    seen.text_bytes += json::string_len_after_key(data, &TEXT_KEY) as u64;
+                }
+            }
+        },
         Api::Gemini | Api::Bedrock => {
             if json::has_object_after_key(data, &USAGE_METADATA_KEY) {
                 match json::last_object_after_key(data, &USAGE_METADATA_KEY)
@@ -388,7 +419,7 @@ fn on_sse_event(api: Api, seen: &mut Metered, acc: &mut anthropic::Accumulator, 
                 }
             }
             seen.text_bytes += json::string_len_after_key(data, &TEXT_KEY) as u64;
-            if memmem::find(data, b"\"finishReason\"").is_some() {
+            if FINISH_REASON_KEY.find(data).is_some() {
                 seen.complete = true;
             }
         }
@@ -436,7 +467,7 @@ fn on_frame(
                 seen.usage = Some(m);
             }
             let _ = api;
-            on_sse_event(Api::Anthropic, seen, acc, data);
+            on_sse_event(Api::Anthropic, seen, acc, b"", data);
             if let Some(u) = acc.usage() {
                 seen.usage = Some(u);
             }
