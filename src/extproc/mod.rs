@@ -6,7 +6,8 @@
 //! stream, clean close, client abort or reset.
 //!
 //! **Invariant:** no await on the store, no lock, and no allocation beyond the message itself
-//! between receiving a response body chunk and replying to it.
+//! between receiving a response body chunk and replying to it — except the single chunk whose
+//! injected usage-only event is withheld from the client, which is copied once without it.
 //! **Boundary:** knows the ledger's `admit`/`settle`/`release`, never the store.
 
 pub mod reply;
