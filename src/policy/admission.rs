@@ -265,14 +265,29 @@ impl Evaluation {
         if let Some(denial) = pick_binding_denial(denials) {
             return Admission::Denied { denial, shadow };
         }
-        let mut binding: Option<BudgetStatus> = None;
-        for c in &self.considered {
+        // The enforced budget with proportionally the least headroom once this request is
+        // reserved; only that one status is copied.
+        let after = |c: &Considered| {
+            let s = &c.status;
+            (
+                s.limit
+                    .saturating_sub(s.used.saturating_add(s.reserved).saturating_add(c.want)),
+                s.limit.max(1),
+            )
+        };
+        let tightest = self
+            .considered
+            .iter()
+            .filter(|c| c.status.action == Action::Enforce)
+            .min_by(|a, b| {
+                let ((ra, la), (rb, lb)) = (after(a), after(b));
+                (u128::from(ra) * u128::from(lb)).cmp(&(u128::from(rb) * u128::from(la)))
+            });
+        let binding = tightest.map(|c| {
             let mut status = c.status.clone();
             status.reserved = status.reserved.saturating_add(c.want);
-            if status.action == Action::Enforce && tighter(&status, binding.as_ref()) {
-                binding = Some(status);
-            }
-        }
+            status
+        });
         Admission::Allowed {
             reservation: Reservation::default(),
             binding,
@@ -545,14 +560,6 @@ impl Counters {
         let c = self.at(key, window, now, tz);
         (c.used(), c.reserved)
     }
-}
-
-/// True when `s` has proportionally less headroom than `than`.
-fn tighter(s: &BudgetStatus, than: Option<&BudgetStatus>) -> bool {
-    let Some(t) = than else { return true };
-    // s.remaining / s.limit < t.remaining / t.limit, without division.
-    u128::from(s.remaining()) * u128::from(t.limit.max(1))
-        < u128::from(t.remaining()) * u128::from(s.limit.max(1))
 }
 
 /// The denial to report: an unpriced model first (the fix is a price), then a request that can

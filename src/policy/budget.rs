@@ -225,6 +225,9 @@ impl Action {
     }
 }
 
+/// The member key of a shared pool (empty), allocated once.
+static SHARED_POOL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
     pub id: BudgetId,
@@ -304,7 +307,7 @@ impl Budget {
             return None;
         }
         Some(match self.scope {
-            Scope::Shared => Arc::from(""),
+            Scope::Shared => Arc::clone(&SHARED_POOL),
             Scope::PerMember => Arc::from(p.key()),
         })
     }
