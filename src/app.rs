@@ -41,15 +41,12 @@ pub struct Running {
     grace: Duration,
 }
 
-pub async fn open_store(config: &Config, clock: &SharedClock) -> anyhow::Result<Store> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let store = Store::open(&config.store)
         .await
         .context("opening the store")?;
     if config.migrate_on_start {
-        store
-            .migrate(clock.now().timestamp_millis())
-            .await
-            .context("migrating the store")?;
+        store.migrate().await.context("migrating the store")?;
     }
     Ok(store)
 }
@@ -72,7 +69,7 @@ pub async fn apply_config_budgets(
 }
 
 pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running> {
-    let store = open_store(&config, &clock).await?;
+    let store = open_store(&config).await?;
     apply_config_budgets(&config, &store, &clock).await?;
     let ledger = Ledger::new(
         config.policy_settings(),

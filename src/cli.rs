@@ -214,10 +214,6 @@ async fn loaded_ledger(
     Ok(ledger)
 }
 
-fn show_amount(unit: Unit, v: u64) -> String {
-    unit.show(v)
-}
-
 fn status_json(s: &BudgetStatus, member: &str) -> Value {
     let plain = |v: u64| match s.unit {
         Unit::Tokens => json!(v),
@@ -238,7 +234,7 @@ fn status_json(s: &BudgetStatus, member: &str) -> Value {
 }
 
 pub async fn budgets(config: &Config, clock: &SharedClock, cmd: BudgetCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config, clock).await?;
+    let store = crate::app::open_store(config).await?;
     let now_ms = clock.now().timestamp_millis();
     match cmd {
         BudgetCmd::Create(args) => {
@@ -354,9 +350,9 @@ pub async fn budgets(config: &Config, clock: &SharedClock, cmd: BudgetCmd) -> an
                     "{:<24} {:<28} {:>14} {:>14} {:>14} {:<22}",
                     s.name,
                     if member.is_empty() { "(pool)" } else { &member },
-                    show_amount(s.unit, s.used),
-                    show_amount(s.unit, s.limit),
-                    show_amount(s.unit, s.remaining()),
+                    s.unit.show(s.used),
+                    s.unit.show(s.limit),
+                    s.unit.show(s.remaining()),
                     s.resets_at.map_or("never".into(), |t| t
                         .to_rfc3339_opts(SecondsFormat::Secs, true)),
                 );
@@ -450,7 +446,7 @@ fn usd_arg(flag: &str, v: &str) -> anyhow::Result<NanoUsd> {
 }
 
 pub async fn prices(config: &Config, clock: &SharedClock, cmd: PriceCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config, clock).await?;
+    let store = crate::app::open_store(config).await?;
     let now_ms = clock.now().timestamp_millis();
     match cmd {
         PriceCmd::List {
@@ -614,7 +610,7 @@ fn principal_key(p: &str) -> anyhow::Result<String> {
 }
 
 pub async fn groups(config: &Config, clock: &SharedClock, cmd: GroupCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config, clock).await?;
+    let store = crate::app::open_store(config).await?;
     match cmd {
         GroupCmd::Add { group, principals } => {
             if group.trim().is_empty() || principals.is_empty() {
@@ -706,7 +702,7 @@ pub enum BucketArg {
 }
 
 pub async fn usage(config: &Config, clock: &SharedClock, cmd: UsageCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config, clock).await?;
+    let store = crate::app::open_store(config).await?;
     let now_ms = clock.now().timestamp_millis();
     let since = |h: u64| now_ms - i64::try_from(h.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
     match cmd {
@@ -850,7 +846,7 @@ fn reason_str(r: DenyReason) -> &'static str {
 
 /// Dry run of an admission: which budgets match, where each stands, which binds, and the decision.
 pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config, clock).await?;
+    let store = crate::app::open_store(config).await?;
     let ledger = loaded_ledger(config, &store, clock).await?;
     let principal = Principal {
         kind: match a.kind {

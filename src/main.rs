@@ -123,13 +123,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(config, clock).await,
             Command::Migrate => {
-                tokenbudget::app::open_store(
-                    &Config {
-                        migrate_on_start: true,
-                        ..config
-                    },
-                    &clock,
-                )
+                tokenbudget::app::open_store(&Config {
+                    migrate_on_start: true,
+                    ..config
+                })
                 .await?;
                 println!("migrations applied");
                 Ok(())

@@ -240,14 +240,9 @@ impl Core {
                 });
             }
             BodyFormat::EventStream => {
-                let (api, seen, acc, scratch) = (
-                    self.api,
-                    &mut self.seen,
-                    &mut self.anthropic,
-                    &mut self.scratch,
-                );
+                let (seen, acc, scratch) = (&mut self.seen, &mut self.anthropic, &mut self.scratch);
                 self.frames
-                    .feed(chunk, &mut |f| on_frame(api, seen, acc, scratch, f));
+                    .feed(chunk, &mut |f| on_frame(seen, acc, scratch, f));
             }
             BodyFormat::Json => json::keep_tail(&mut self.tail, chunk, self.tail_cap),
             BodyFormat::Opaque => {}
@@ -427,7 +422,6 @@ fn on_sse_event(
 }
 
 fn on_frame(
-    api: Api,
     seen: &mut Metered,
     acc: &mut anthropic::Accumulator,
     scratch: &mut Vec<u8>,
@@ -466,7 +460,6 @@ fn on_frame(
             {
                 seen.usage = Some(m);
             }
-            let _ = api;
             on_sse_event(Api::Anthropic, seen, acc, b"", data);
             if let Some(u) = acc.usage() {
                 seen.usage = Some(u);
@@ -552,10 +545,6 @@ impl Meter {
             Decoding::Deflate(d) => d.get_mut(),
             Decoding::Brotli(d) => d.get_mut(),
         }
-    }
-
-    pub fn format(&self) -> BodyFormat {
-        self.core().format
     }
 
     /// Bytes held between chunks (decompressor windows excluded).

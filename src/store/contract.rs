@@ -20,7 +20,7 @@ async fn postgres() -> (Store, Fixture) {
     })
     .await
     .unwrap();
-    store.migrate(0).await.unwrap();
+    store.migrate().await.unwrap();
     (store, Fixture::Pg(db))
 }
 
@@ -31,7 +31,7 @@ async fn sqlite() -> (Store, Fixture) {
     })
     .await
     .unwrap();
-    store.migrate(0).await.unwrap();
+    store.migrate().await.unwrap();
     (store, Fixture::Sqlite(dir))
 }
 
@@ -114,11 +114,11 @@ fn key(budget: &str, member: &str) -> CounterKey {
 }
 
 async fn migrate_is_idempotent_and_seeds_prices(s: Store) {
-    s.migrate(0).await.unwrap();
+    s.migrate().await.unwrap();
     let prices = s.list_prices().await.unwrap();
     assert!(prices.iter().any(|p| p.model == "gpt-4o-mini"));
     let n = prices.len();
-    s.migrate(0).await.unwrap();
+    s.migrate().await.unwrap();
     assert_eq!(s.list_prices().await.unwrap().len(), n);
 }
 

@@ -384,14 +384,13 @@ impl Store {
     }
 
     /// Applies pending schema migrations; seeds the default price table into an empty store.
-    pub async fn migrate(&self, now_ms: i64) -> Result<()> {
+    pub async fn migrate(&self) -> Result<()> {
         dispatch!(self, s => s.migrate().await)?;
         if self.list_prices().await?.is_empty() {
             for (model, price) in crate::policy::prices::default_prices() {
                 dispatch!(self, s => s.set_price(&PriceRow { model, effective_from_ms: 0, price }).await)?;
             }
         }
-        let _ = now_ms;
         Ok(())
     }
 
