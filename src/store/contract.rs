@@ -245,27 +245,54 @@ async fn rollups_sum_per_hour_principal_and_model(s: Store) {
     };
     s.write_batch(&batch).await.unwrap();
     s.write_batch(&batch).await.unwrap();
-    let all = s.usage_since(0).await.unwrap();
+    let all = UsageQuery {
+        since_ms: 0,
+        until_ms: 100 * hour,
+        bucket_secs: 3_600,
+        ..UsageQuery::default()
+    };
+    let total = |principal: &str, model: &str, requests, tokens, nanos| UsageTotal {
+        principal: principal.into(),
+        model: model.into(),
+        requests,
+        tokens,
+        cost: NanoUsd(nanos),
+    };
     assert_eq!(
-        all,
+        s.usage_top(&all, UsageBy::Principal, 10).await.unwrap(),
         vec![
-            UsageTotal {
-                principal: "user:a".into(),
-                model: "gpt-4o".into(),
-                requests: 2,
-                tokens: 30,
-                cost: NanoUsd(300)
-            },
-            UsageTotal {
-                principal: "user:b".into(),
-                model: "gpt-4o".into(),
-                requests: 1,
-                tokens: 5,
-                cost: NanoUsd(50)
-            },
+            total("user:a", "", 2, 30, 300),
+            total("user:b", "", 1, 5, 50)
         ]
     );
-    assert_eq!(s.usage_since(11 * hour).await.unwrap().len(), 1);
+    assert_eq!(
+        s.usage_top(&all, UsageBy::Model, 10).await.unwrap(),
+        vec![total("", "gpt-4o", 3, 35, 350)]
+    );
+    let later = UsageQuery {
+        since_ms: 11 * hour,
+        ..all.clone()
+    };
+    assert_eq!(
+        s.usage_top(&later, UsageBy::Principal, 10).await.unwrap(),
+        vec![total("user:b", "", 1, 5, 50)]
+    );
+    let only_a = UsageQuery {
+        principal: Some("user:a".into()),
+        ..all.clone()
+    };
+    assert_eq!(
+        s.usage_top(&only_a, UsageBy::Model, 10).await.unwrap(),
+        vec![total("", "gpt-4o", 2, 30, 300)]
+    );
+    let series: Vec<(i64, u64, u64)> = s
+        .usage_timeseries(&all)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| (p.start, p.requests, p.tokens))
+        .collect();
+    assert_eq!(series, vec![(36_000, 2, 30), (39_600, 1, 5)]);
 }
 
 async fn deny_events_are_recorded(s: Store) {

@@ -441,10 +441,6 @@ impl Store {
         Ok(self.load_policy().await?.prices)
     }
 
-    pub async fn usage_since(&self, since_ms: i64) -> Result<Vec<UsageTotal>> {
-        dispatch!(self, s => s.usage_since(since_ms).await)
-    }
-
     /// Usage events in insertion-time order, newest last (at most `limit`), optionally of one request.
     pub async fn usage_events(
         &self,

@@ -416,29 +416,6 @@ impl PgStore {
         tx.commit().await.map_err(db_err)
     }
 
-    pub async fn usage_since(&self, since_ms: i64) -> Result<Vec<UsageTotal>> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT principal, model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 \
-                 FROM tb_usage_hourly WHERE hour_start >= $1 GROUP BY principal, model \
-                 ORDER BY 4 DESC, 1, 2",
-                &[&since_ms.div_euclid(3_600_000).saturating_mul(3_600)],
-            )
-            .await
-            .map_err(db_err)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| UsageTotal {
-                principal: r.get(0),
-                model: r.get(1),
-                requests: to_u64(r.get(2)),
-                tokens: to_u64(r.get(3)),
-                cost: NanoUsd(to_u64(r.get(4))),
-            })
-            .collect())
-    }
-
     pub async fn usage_events(
         &self,
         request_id: Option<&str>,

@@ -393,31 +393,6 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn usage_since(&self, since_ms: i64) -> Result<Vec<UsageTotal>> {
-        let since_hour = since_ms.div_euclid(3_600_000).saturating_mul(3_600);
-        self.with(move |c| {
-            let mut st = c
-                .prepare(
-                    "SELECT principal, model, SUM(requests), SUM(tokens), SUM(cost_nanos) FROM tb_usage_hourly \
-                     WHERE hour_start >= ?1 GROUP BY principal, model ORDER BY 4 DESC, 1, 2",
-                )
-                .map_err(db_err)?;
-            let rows = st
-                .query_map([since_hour], |r| {
-                    Ok(UsageTotal {
-                        principal: r.get(0)?,
-                        model: r.get(1)?,
-                        requests: to_u64(r.get(2)?),
-                        tokens: to_u64(r.get(3)?),
-                        cost: NanoUsd(to_u64(r.get(4)?)),
-                    })
-                })
-                .map_err(db_err)?;
-            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
-        })
-        .await
-    }
-
     pub async fn usage_events(
         &self,
         request_id: Option<&str>,
