@@ -134,7 +134,8 @@ pub struct PriceRow {
     pub price: Price,
 }
 
-/// Usage summed per principal and model since some hour (from the hourly rollups).
+/// Usage summed over a period from the hourly rollups, per principal or per model (`usage_top`;
+/// the other field is empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageTotal {
     pub principal: String,
