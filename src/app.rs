@@ -60,7 +60,13 @@ pub async fn apply_config_budgets(
 ) -> anyhow::Result<()> {
     for b in &config.budgets {
         let outcome = store
-            .upsert_budget(b, clock.now().timestamp_millis())
+            .upsert_budget(
+                b,
+                &crate::store::Actor {
+                    name: "config".into(),
+                    ts_ms: clock.now().timestamp_millis(),
+                },
+            )
             .await
             .with_context(|| format!("applying budget {:?} from the config file", b.name))?;
         tracing::info!(budget = %b.name, ?outcome, "config budget applied");

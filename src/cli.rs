@@ -16,7 +16,7 @@ use crate::policy::{
     Admission, Ask, Budget, BudgetSpec, BudgetStatus, DenyReason, Limit, ModelSet, NanoUsd, Price,
     Principal, PrincipalKind, TokenClasses, Unit, Window,
 };
-use crate::store::{PriceRow, Store, UsageBy, UsageQuery};
+use crate::store::{Actor, PriceRow, Store, UsageBy, UsageQuery};
 
 #[derive(Debug, Subcommand)]
 pub enum BudgetCmd {
@@ -173,6 +173,15 @@ fn spec_error(e: crate::policy::SpecError) -> anyhow::Error {
     anyhow::anyhow!("--{}: {}", e.field.replace('_', "-"), e.message)
 }
 
+/// Who changes things from the command line, for the audit log.
+fn actor(clock: &SharedClock) -> Actor {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    Actor {
+        name: format!("cli:{user}"),
+        ts_ms: clock.now().timestamp_millis(),
+    }
+}
+
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -235,11 +244,10 @@ fn status_json(s: &BudgetStatus, member: &str) -> Value {
 
 pub async fn budgets(config: &Config, clock: &SharedClock, cmd: BudgetCmd) -> anyhow::Result<()> {
     let store = crate::app::open_store(config).await?;
-    let now_ms = clock.now().timestamp_millis();
     match cmd {
         BudgetCmd::Create(args) => {
             let b = args.spec().to_budget(&new_id()).map_err(spec_error)?;
-            store.create_budget(&b, now_ms).await?;
+            store.create_budget(&b, &actor(clock)).await?;
             println!("created budget {:?} ({})", b.name, b.id);
         }
         BudgetCmd::List { json } => {
@@ -314,11 +322,11 @@ pub async fn budgets(config: &Config, clock: &SharedClock, cmd: BudgetCmd) -> an
             if updated.name != b.name && store.get_budget(&updated.name).await?.is_some() {
                 bail!("--rename: a budget named {:?} already exists", updated.name);
             }
-            store.update_budget(&updated, now_ms).await?;
+            store.update_budget(&updated, &actor(clock)).await?;
             println!("updated budget {:?}", updated.name);
         }
         BudgetCmd::Delete { name } => {
-            store.delete_budget(&name).await?;
+            store.delete_budget(&name, &actor(clock)).await?;
             println!("deleted budget {name:?}");
         }
         BudgetCmd::Status { name, json } => {
@@ -457,15 +465,7 @@ pub async fn prices(config: &Config, clock: &SharedClock, cmd: PriceCmd) -> anyh
             let mut rows = store.list_prices().await?;
             rows.retain(|r| model.as_ref().is_none_or(|m| *m == r.model));
             if !history {
-                // Keep the version in force now per model (rows are sorted by model, then time).
-                let mut current: Vec<PriceRow> = Vec::new();
-                for r in rows.into_iter().filter(|r| r.effective_from_ms <= now_ms) {
-                    match current.last_mut() {
-                        Some(last) if last.model == r.model => *last = r,
-                        _ => current.push(r),
-                    }
-                }
-                rows = current;
+                rows = crate::store::in_force(rows, now_ms);
             }
             if json {
                 let entries: Vec<PriceEntry> = rows
@@ -534,11 +534,14 @@ pub async fn prices(config: &Config, clock: &SharedClock, cmd: PriceCmd) -> anyh
                     .timestamp_millis(),
             };
             store
-                .set_price(&PriceRow {
-                    model: model.clone(),
-                    effective_from_ms: from,
-                    price,
-                })
+                .set_price(
+                    &PriceRow {
+                        model: model.clone(),
+                        effective_from_ms: from,
+                        price,
+                    },
+                    &actor(clock),
+                )
                 .await?;
             println!("price of {model:?} set");
         }
@@ -552,11 +555,14 @@ pub async fn prices(config: &Config, clock: &SharedClock, cmd: PriceCmd) -> anyh
             for e in &parsed.price {
                 let from = e.effective_from_ms().map_err(|e| anyhow::anyhow!(e))?;
                 store
-                    .set_price(&PriceRow {
-                        model: e.model.clone(),
-                        effective_from_ms: from,
-                        price: e.price(),
-                    })
+                    .set_price(
+                        &PriceRow {
+                            model: e.model.clone(),
+                            effective_from_ms: from,
+                            price: e.price(),
+                        },
+                        &actor(clock),
+                    )
                     .await?;
                 n += 1;
             }
@@ -618,15 +624,13 @@ pub async fn groups(config: &Config, clock: &SharedClock, cmd: GroupCmd) -> anyh
             }
             for p in principals {
                 let key = principal_key(&p)?;
-                store
-                    .add_member(&group, &key, clock.now().timestamp_millis())
-                    .await?;
+                store.add_member(&group, &key, &actor(clock)).await?;
                 println!("{key} is in {group:?}");
             }
         }
         GroupCmd::Remove { group, principal } => {
             let key = principal_key(&principal)?;
-            store.remove_member(&group, &key).await?;
+            store.remove_member(&group, &key, &actor(clock)).await?;
             println!("{key} removed from {group:?}");
         }
         GroupCmd::List { group, json } => {
@@ -768,7 +772,9 @@ pub async fn usage(config: &Config, clock: &SharedClock, cmd: UsageCmd) -> anyho
             let q = UsageQuery {
                 since_ms: since(since_hours),
                 until_ms: now_ms + 3_600_000,
-                principal: principal.map(|p| principal_key(&p)).transpose()?,
+                principals: principal
+                    .map(|p| principal_key(&p).map(|k| vec![k]))
+                    .transpose()?,
                 model,
                 bucket_secs: match bucket {
                     BucketArg::Hour => 3_600,

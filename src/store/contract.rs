@@ -53,7 +53,18 @@ contract!(
     rollups_sum_per_hour_principal_and_model,
     deny_events_are_recorded,
     prices_keep_their_history,
+    every_change_is_audited_with_before_and_after,
+    deny_events_filter_and_page_newest_first,
+    principals_and_models_seen_are_searchable,
+    usage_filters_by_principal_set_and_weeks_start_monday,
 );
+
+fn who(ts_ms: i64) -> Actor {
+    Actor {
+        name: "tester".into(),
+        ts_ms,
+    }
+}
 
 fn budget(name: &str) -> Budget {
     Budget {
@@ -133,8 +144,8 @@ async fn budgets_round_trip_and_names_are_unique(s: Store) {
         name: String::new(),
     };
     usd.scope = Scope::Shared;
-    s.create_budget(&budget("b"), 1).await.unwrap();
-    s.create_budget(&usd, 1).await.unwrap();
+    s.create_budget(&budget("b"), &who(1)).await.unwrap();
+    s.create_budget(&usd, &who(1)).await.unwrap();
     assert_eq!(s.list_budgets().await.unwrap(), vec![budget("b"), usd]);
     assert!(s.policy_version().await.unwrap() > v0);
 
@@ -142,14 +153,14 @@ async fn budgets_round_trip_and_names_are_unique(s: Store) {
         id: BudgetId(Arc::from("other")),
         ..budget("b")
     };
-    match s.create_budget(&dup, 2).await {
+    match s.create_budget(&dup, &who(2)).await {
         Err(StoreError::Conflict(msg)) => assert!(msg.contains("\"b\""), "{msg}"),
         other => panic!("expected a conflict, got {other:?}"),
     }
-    s.delete_budget("b").await.unwrap();
+    assert_eq!(s.delete_budget("b", &who(3)).await.unwrap(), budget("b"));
     assert_eq!(s.list_budgets().await.unwrap().len(), 1);
     assert!(matches!(
-        s.delete_budget("b").await,
+        s.delete_budget("b", &who(4)).await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -278,7 +289,7 @@ async fn rollups_sum_per_hour_principal_and_model(s: Store) {
         vec![total("user:b", "", 1, 5, 50)]
     );
     let only_a = UsageQuery {
-        principal: Some("user:a".into()),
+        principals: Some(vec!["user:a".into()]),
         ..all.clone()
     };
     assert_eq!(
@@ -314,7 +325,13 @@ async fn deny_events_are_recorded(s: Store) {
     };
     s.write_batch(&batch).await.unwrap();
     s.write_batch(&batch).await.unwrap();
-    assert_eq!(s.deny_events(10).await.unwrap(), vec![deny]);
+    let all = DenyQuery {
+        since_ms: 0,
+        until_ms: i64::MAX,
+        limit: 10,
+        ..DenyQuery::default()
+    };
+    assert_eq!(s.deny_events(&all).await.unwrap(), vec![deny]);
 }
 
 async fn prices_keep_their_history(s: Store) {
@@ -325,25 +342,34 @@ async fn prices_keep_their_history(s: Store) {
         cache_write: NanoUsd(n),
         cache_write_1h: NanoUsd(3 * n),
     };
-    s.set_price(&PriceRow {
-        model: "m".into(),
-        effective_from_ms: 100,
-        price: p(10),
-    })
+    s.set_price(
+        &PriceRow {
+            model: "m".into(),
+            effective_from_ms: 100,
+            price: p(10),
+        },
+        &who(1),
+    )
     .await
     .unwrap();
-    s.set_price(&PriceRow {
-        model: "m".into(),
-        effective_from_ms: 200,
-        price: p(20),
-    })
+    s.set_price(
+        &PriceRow {
+            model: "m".into(),
+            effective_from_ms: 200,
+            price: p(20),
+        },
+        &who(1),
+    )
     .await
     .unwrap();
-    s.set_price(&PriceRow {
-        model: "m".into(),
-        effective_from_ms: 200,
-        price: p(30),
-    })
+    s.set_price(
+        &PriceRow {
+            model: "m".into(),
+            effective_from_ms: 200,
+            price: p(30),
+        },
+        &who(1),
+    )
     .await
     .unwrap();
     let m: Vec<PriceRow> = s
@@ -367,5 +393,208 @@ async fn prices_keep_their_history(s: Store) {
                 price: p(30)
             },
         ]
+    );
+}
+
+async fn every_change_is_audited_with_before_and_after(s: Store) {
+    let b = budget("audited");
+    s.create_budget(&b, &who(10)).await.unwrap();
+    let mut changed = b.clone();
+    changed.limit = Limit::Tokens(Tokens(42));
+    assert_eq!(s.update_budget(&changed, &who(11)).await.unwrap(), b);
+    s.delete_budget("audited", &who(12)).await.unwrap();
+    assert!(s.add_member("eng", "user:a", &who(13)).await.unwrap());
+    // Adding an existing member changes nothing and is not recorded.
+    assert!(!s.add_member("eng", "user:a", &who(14)).await.unwrap());
+    s.remove_member("eng", "user:a", &who(15)).await.unwrap();
+
+    let q = AuditQuery {
+        target: Some("audited".into()),
+        limit: 10,
+        offset: 0,
+    };
+    let log = s.audit_log(&q).await.unwrap();
+    let actions: Vec<(&str, i64)> = log.iter().map(|e| (e.action.as_str(), e.ts_ms)).collect();
+    assert_eq!(
+        actions,
+        [
+            ("budget.delete", 12),
+            ("budget.update", 11),
+            ("budget.create", 10)
+        ]
+    );
+    assert!(log.iter().all(|e| e.actor == "tester"));
+    let doc = |s: &Option<String>| -> serde_json::Value {
+        serde_json::from_str(s.as_deref().unwrap()).unwrap()
+    };
+    let update = &log[1];
+    assert_eq!(doc(&update.before)["limit_tokens"], 1000);
+    assert_eq!(doc(&update.after)["limit_tokens"], 42);
+    assert_eq!(doc(&update.after)["id"], "id-audited");
+    assert_eq!(log[2].before, None);
+    assert_eq!(log[0].after, None);
+
+    let groups = s
+        .audit_log(&AuditQuery {
+            target: Some("eng".into()),
+            limit: 10,
+            offset: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    assert_eq!(doc(&groups[1].after)["principal"], "user:a");
+    // Pages: newest first, offset skips.
+    let page = s
+        .audit_log(&AuditQuery {
+            target: None,
+            limit: 2,
+            offset: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0].action, "group.add");
+    assert!(page[0].id > page[1].id);
+}
+
+async fn deny_events_filter_and_page_newest_first(s: Store) {
+    let deny = |id: &str, ts_ms, principal: &str, budget: &str| DenyEvent {
+        event_id: id.into(),
+        request_id: format!("r-{id}"),
+        ts_ms,
+        principal: principal.into(),
+        model: "gpt-4o".into(),
+        budget_name: budget.into(),
+        reason: "exhausted".into(),
+        unit: "tokens".into(),
+        used: 1,
+        limit: 2,
+    };
+    let batch = Batch {
+        debits: vec![],
+        denies: vec![
+            deny("d1", 10, "user:a", "x"),
+            deny("d2", 20, "user:b", "x"),
+            deny("d3", 30, "user:a", "y"),
+            deny("d4", 40, "user:a", "x"),
+        ],
+    };
+    s.write_batch(&batch).await.unwrap();
+    let ids = |v: Vec<DenyEvent>| v.into_iter().map(|d| d.event_id).collect::<Vec<_>>();
+    let q = DenyQuery {
+        since_ms: 0,
+        until_ms: 100,
+        limit: 10,
+        ..DenyQuery::default()
+    };
+    assert_eq!(
+        ids(s.deny_events(&q).await.unwrap()),
+        ["d4", "d3", "d2", "d1"]
+    );
+    let a = DenyQuery {
+        principal: Some("user:a".into()),
+        ..q.clone()
+    };
+    assert_eq!(ids(s.deny_events(&a).await.unwrap()), ["d4", "d3", "d1"]);
+    let ax = DenyQuery {
+        budget: Some("x".into()),
+        ..a.clone()
+    };
+    assert_eq!(ids(s.deny_events(&ax).await.unwrap()), ["d4", "d1"]);
+    let window = DenyQuery {
+        since_ms: 20,
+        until_ms: 40,
+        ..q.clone()
+    };
+    assert_eq!(ids(s.deny_events(&window).await.unwrap()), ["d3", "d2"]);
+    let page = DenyQuery {
+        limit: 2,
+        offset: 2,
+        ..q
+    };
+    assert_eq!(ids(s.deny_events(&page).await.unwrap()), ["d2", "d1"]);
+}
+
+async fn principals_and_models_seen_are_searchable(s: Store) {
+    s.write_batch(&Batch {
+        debits: vec![debit("e", 1_000, "user:Alice", 5, vec![])],
+        denies: vec![],
+    })
+    .await
+    .unwrap();
+    s.add_member("eng", "service_principal:ci-bot", &who(1))
+        .await
+        .unwrap();
+    s.create_budget(&budget("b"), &who(1)).await.unwrap();
+    let principals = s.seen(Seen::Principals, "", 100).await.unwrap();
+    assert!(
+        principals.contains(&"user:Alice".to_string()),
+        "{principals:?}"
+    );
+    assert!(principals.contains(&"service_principal:ci-bot".to_string()));
+    assert_eq!(
+        s.seen(Seen::Principals, "ALI", 10).await.unwrap(),
+        ["user:Alice"]
+    );
+    let models = s.seen(Seen::Models, "gpt-4o", 100).await.unwrap();
+    assert!(models.contains(&"gpt-4o".to_string()), "{models:?}");
+    assert!(models.iter().all(|m| m.contains("gpt-4o")));
+    assert_eq!(s.seen(Seen::Models, "", 3).await.unwrap().len(), 3);
+}
+
+async fn usage_filters_by_principal_set_and_weeks_start_monday(s: Store) {
+    // 2026-11-30 is a Monday; 2026-12-02 a Wednesday, 2026-12-07 the next Monday.
+    let at = |d: &str| {
+        chrono::DateTime::parse_from_rfc3339(d)
+            .unwrap()
+            .timestamp_millis()
+    };
+    s.write_batch(&Batch {
+        debits: vec![
+            debit("a", at("2026-11-30T01:00:00Z"), "user:a", 1, vec![]),
+            debit("b", at("2026-12-02T12:00:00Z"), "user:b", 2, vec![]),
+            debit("c", at("2026-12-07T00:30:00Z"), "user:c", 4, vec![]),
+        ],
+        denies: vec![],
+    })
+    .await
+    .unwrap();
+    let q = UsageQuery {
+        since_ms: at("2026-11-01T00:00:00Z"),
+        until_ms: at("2027-01-01T00:00:00Z"),
+        principals: Some(vec!["user:a".into(), "user:b".into(), "user:c".into()]),
+        model: None,
+        bucket_secs: 604_800,
+    };
+    let series: Vec<(i64, u64)> = s
+        .usage_timeseries(&q)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| (p.start * 1000, p.tokens))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            (at("2026-11-30T00:00:00Z"), 3),
+            (at("2026-12-07T00:00:00Z"), 4)
+        ]
+    );
+    let ab = UsageQuery {
+        principals: Some(vec!["user:a".into(), "user:b".into()]),
+        ..q.clone()
+    };
+    let top = s.usage_top(&ab, UsageBy::Principal, 10).await.unwrap();
+    assert_eq!(top.len(), 2);
+    let none = UsageQuery {
+        principals: Some(vec![]),
+        ..q
+    };
+    assert!(
+        s.usage_top(&none, UsageBy::Model, 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }

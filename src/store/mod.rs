@@ -134,6 +134,91 @@ pub struct PriceRow {
     pub price: Price,
 }
 
+/// Who makes an administrative change, and when. Every change is audited with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// The API token's name, `cli:USER`, or `config` for budgets declared in the config file.
+    pub name: String,
+    pub ts_ms: i64,
+}
+
+/// One administrative change: who, what, and the target before and after (JSON documents in the
+/// API's own shapes; `None` when the change created or deleted the target). Written in the same
+/// transaction as the change, so no change goes unrecorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Assigned by the store, increasing.
+    pub id: i64,
+    pub ts_ms: i64,
+    pub actor: String,
+    /// `budget.create`, `budget.update`, `budget.delete`, `price.set`, `group.add`, `group.remove`.
+    pub action: String,
+    /// The budget name, model or group changed.
+    pub target: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+impl AuditEntry {
+    fn new(
+        who: &Actor,
+        action: &str,
+        target: &str,
+        before: Option<String>,
+        after: Option<String>,
+    ) -> Self {
+        AuditEntry {
+            id: 0,
+            ts_ms: who.ts_ms,
+            actor: who.name.clone(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            before,
+            after,
+        }
+    }
+}
+
+/// A page of the audit log, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub target: Option<String>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// A page of deny events in `[since, until)`, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct DenyQuery {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub principal: Option<String>,
+    pub budget: Option<String>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+impl DenyQuery {
+    /// The newest `limit` denies of all time.
+    pub fn recent(limit: i64) -> DenyQuery {
+        DenyQuery {
+            since_ms: 0,
+            until_ms: i64::MAX,
+            limit,
+            ..DenyQuery::default()
+        }
+    }
+}
+
+/// Which names `seen` searches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Principal keys in usage, group memberships and budget subjects.
+    Principals,
+    /// Models in usage and in the price table.
+    Models,
+}
+
 /// Usage summed over a period from the hourly rollups, per principal or per model (`usage_top`;
 /// the other field is empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,11 +271,16 @@ pub struct UsagePoint {
 pub struct UsageQuery {
     pub since_ms: i64,
     pub until_ms: i64,
-    pub principal: Option<String>,
+    /// Only usage of these principal keys (one principal, or the members of a group).
+    pub principals: Option<Vec<String>>,
     pub model: Option<String>,
-    /// Bucket size in seconds for time series (3600 or 86400).
+    /// Bucket size in seconds for time series: 3600, 86400 or 604800. Buckets are UTC; weeks
+    /// start on Monday.
     pub bucket_secs: i64,
 }
+
+/// Epoch 0 was a Thursday: week buckets are shifted by four days so they start on Monday.
+pub(crate) const WEEK_SHIFT_SECS: i64 = 4 * 86_400;
 
 impl UsageQuery {
     pub(crate) fn hours(&self) -> (i64, i64) {
@@ -199,6 +289,55 @@ impl UsageQuery {
             self.until_ms.div_euclid(1000),
         )
     }
+
+    /// The shift that aligns buckets: weeks start on Monday, other buckets at epoch multiples.
+    pub(crate) fn bucket_shift(&self) -> i64 {
+        if self.bucket_secs == 604_800 {
+            WEEK_SHIFT_SECS
+        } else {
+            0
+        }
+    }
+
+    /// The principal filter as a JSON array (SQLite binds it through `json_each`).
+    pub(crate) fn principals_json(&self) -> Option<String> {
+        self.principals
+            .as_ref()
+            .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "[]".into()))
+    }
+}
+
+/// The price version in force at `now_ms` per model, from rows sorted by model, then time.
+pub fn in_force(rows: Vec<PriceRow>, now_ms: i64) -> Vec<PriceRow> {
+    let mut current: Vec<PriceRow> = Vec::new();
+    for r in rows.into_iter().filter(|r| r.effective_from_ms <= now_ms) {
+        match current.last_mut() {
+            Some(last) if last.model == r.model => *last = r,
+            _ => current.push(r),
+        }
+    }
+    current
+}
+
+fn budget_doc(b: &Budget) -> Option<String> {
+    let mut v = serde_json::to_value(crate::policy::BudgetSpec::of(b)).ok()?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("id".into(), serde_json::Value::String(b.id.0.to_string()));
+    }
+    Some(v.to_string())
+}
+
+fn price_doc(r: &PriceRow) -> Option<String> {
+    serde_json::to_string(&crate::policy::prices::PriceEntry::new(
+        &r.model,
+        r.effective_from_ms,
+        &r.price,
+    ))
+    .ok()
+}
+
+fn member_doc(group: &str, principal: &str) -> Option<String> {
+    Some(serde_json::json!({"group": group, "principal": principal}).to_string())
 }
 
 /// The increments of a batch, aggregated per row and sorted, so concurrent writers take row locks
@@ -389,7 +528,19 @@ impl Store {
         dispatch!(self, s => s.migrate().await)?;
         if self.list_prices().await?.is_empty() {
             for (model, price) in crate::policy::prices::default_prices() {
-                dispatch!(self, s => s.set_price(&PriceRow { model, effective_from_ms: 0, price }).await)?;
+                let row = PriceRow {
+                    model,
+                    effective_from_ms: 0,
+                    price,
+                };
+                let audit = AuditEntry {
+                    actor: "defaults".into(),
+                    action: "price.set".into(),
+                    target: row.model.clone(),
+                    after: price_doc(&row),
+                    ..AuditEntry::default()
+                };
+                dispatch!(self, s => s.set_price(&row, &audit).await)?;
             }
         }
         Ok(())
@@ -422,20 +573,42 @@ impl Store {
         dispatch!(self, s => s.write_batch(batch).await)
     }
 
-    pub async fn create_budget(&self, b: &Budget, now_ms: i64) -> Result<()> {
-        dispatch!(self, s => s.create_budget(b, now_ms).await)
+    pub async fn create_budget(&self, b: &Budget, who: &Actor) -> Result<()> {
+        let audit = AuditEntry::new(who, "budget.create", &b.name, None, budget_doc(b));
+        dispatch!(self, s => s.create_budget(b, &audit).await)
     }
 
-    pub async fn delete_budget(&self, name: &str) -> Result<()> {
-        dispatch!(self, s => s.delete_budget(name).await)
+    /// Deletes the budget named `name`; returns it as it was.
+    pub async fn delete_budget(&self, name: &str, who: &Actor) -> Result<Budget> {
+        let before = self
+            .get_budget(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("budget {name:?}")))?;
+        let audit = AuditEntry::new(who, "budget.delete", name, budget_doc(&before), None);
+        dispatch!(self, s => s.delete_budget(&before.id, &audit).await)?;
+        Ok(before)
     }
 
     pub async fn list_budgets(&self) -> Result<Vec<Budget>> {
         Ok(self.load_policy().await?.budgets)
     }
 
-    pub async fn set_price(&self, row: &PriceRow) -> Result<()> {
-        dispatch!(self, s => s.set_price(row).await)
+    /// Sets a price version of a model (replacing the one with the same effective time).
+    pub async fn set_price(&self, row: &PriceRow, who: &Actor) -> Result<()> {
+        let before = self
+            .list_prices()
+            .await?
+            .into_iter()
+            .filter(|r| r.model == row.model && r.effective_from_ms <= row.effective_from_ms)
+            .last();
+        let audit = AuditEntry::new(
+            who,
+            "price.set",
+            &row.model,
+            before.as_ref().and_then(price_doc),
+            price_doc(row),
+        );
+        dispatch!(self, s => s.set_price(row, &audit).await)
     }
 
     pub async fn list_prices(&self) -> Result<Vec<PriceRow>> {
@@ -451,8 +624,19 @@ impl Store {
         dispatch!(self, s => s.usage_events(request_id, limit).await)
     }
 
-    pub async fn deny_events(&self, limit: i64) -> Result<Vec<DenyEvent>> {
-        dispatch!(self, s => s.deny_events(limit).await)
+    /// Deny events matching `q`, newest first.
+    pub async fn deny_events(&self, q: &DenyQuery) -> Result<Vec<DenyEvent>> {
+        dispatch!(self, s => s.deny_events(q).await)
+    }
+
+    /// The audit log, newest first.
+    pub async fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        dispatch!(self, s => s.audit_log(q).await)
+    }
+
+    /// Distinct principal keys or models containing `search` (case-insensitive), sorted.
+    pub async fn seen(&self, what: Seen, search: &str, limit: i64) -> Result<Vec<String>> {
+        dispatch!(self, s => s.seen(what, search, limit).await)
     }
 
     /// The stored amount of one counter bucket (zero if absent).
@@ -476,7 +660,7 @@ impl Store {
 
     /// Creates or updates the budget named `b.name` (keeping the stored id): idempotent, for
     /// budgets declared in the config file and for `budgets update`.
-    pub async fn upsert_budget(&self, b: &Budget, now_ms: i64) -> Result<Upsert> {
+    pub async fn upsert_budget(&self, b: &Budget, who: &Actor) -> Result<Upsert> {
         for _ in 0..2 {
             match self.get_budget(&b.name).await? {
                 Some(existing) => {
@@ -487,10 +671,10 @@ impl Store {
                     if wanted == existing {
                         return Ok(Upsert::Unchanged);
                     }
-                    self.update_budget(&wanted, now_ms).await?;
+                    self.update_budget(&wanted, who).await?;
                     return Ok(Upsert::Updated);
                 }
-                None => match self.create_budget(b, now_ms).await {
+                None => match self.create_budget(b, who).await {
                     Ok(()) => return Ok(Upsert::Created),
                     // Another replica created it between our read and write: update instead.
                     Err(StoreError::Conflict(_)) => continue,
@@ -504,18 +688,41 @@ impl Store {
         )))
     }
 
-    /// Replaces the stored budget with the same id (its counters are kept).
-    pub async fn update_budget(&self, b: &Budget, now_ms: i64) -> Result<()> {
-        dispatch!(self, s => s.update_budget(b, now_ms).await)
+    /// Replaces the stored budget with the same id (its counters are kept); returns it as it was.
+    pub async fn update_budget(&self, b: &Budget, who: &Actor) -> Result<Budget> {
+        let before = self
+            .list_budgets()
+            .await?
+            .into_iter()
+            .find(|x| x.id == b.id)
+            .ok_or_else(|| StoreError::NotFound(format!("budget {:?}", b.name)))?;
+        let audit = AuditEntry::new(
+            who,
+            "budget.update",
+            &b.name,
+            budget_doc(&before),
+            budget_doc(b),
+        );
+        dispatch!(self, s => s.update_budget(b, &audit).await)?;
+        Ok(before)
     }
 
-    /// Adds `principal` (a principal key such as `user:alice`) to `group`. Idempotent.
-    pub async fn add_member(&self, group: &str, principal: &str, now_ms: i64) -> Result<()> {
-        dispatch!(self, s => s.add_member(group, principal, now_ms).await)
+    /// Adds `principal` (a principal key such as `user:alice`) to `group`. Idempotent: returns
+    /// false (and records nothing) when it was a member already.
+    pub async fn add_member(&self, group: &str, principal: &str, who: &Actor) -> Result<bool> {
+        let audit = AuditEntry::new(who, "group.add", group, None, member_doc(group, principal));
+        dispatch!(self, s => s.add_member(group, principal, &audit).await)
     }
 
-    pub async fn remove_member(&self, group: &str, principal: &str) -> Result<()> {
-        dispatch!(self, s => s.remove_member(group, principal).await)
+    pub async fn remove_member(&self, group: &str, principal: &str, who: &Actor) -> Result<()> {
+        let audit = AuditEntry::new(
+            who,
+            "group.remove",
+            group,
+            member_doc(group, principal),
+            None,
+        );
+        dispatch!(self, s => s.remove_member(group, principal, &audit).await)
     }
 
     /// (group, principal key) pairs, sorted.

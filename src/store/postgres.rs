@@ -8,8 +8,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use super::{
-    Aggregates, Amount, Batch, BatchOutcome, BudgetRow, DenyEvent, PolicyRows, PriceRow, Result,
-    StoreError, UsageBy, UsageEvent, UsagePoint, UsageQuery, UsageTotal, to_i64, to_u64,
+    Aggregates, Amount, AuditEntry, AuditQuery, Batch, BatchOutcome, BudgetRow, DenyEvent,
+    DenyQuery, PolicyRows, PriceRow, Result, Seen, StoreError, UsageBy, UsageEvent, UsagePoint,
+    UsageQuery, UsageTotal, to_i64, to_u64,
 };
 use crate::policy::{BudgetId, CounterKey, NanoUsd, Price};
 
@@ -20,6 +21,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("migrations/postgres_0003_cache_write_1h.sql"),
     ),
+    (4, include_str!("migrations/postgres_0004_audit.sql")),
 ];
 
 #[derive(Clone)]
@@ -353,7 +355,8 @@ impl PgStore {
         Ok(outcome)
     }
 
-    pub async fn create_budget(&self, b: &crate::policy::Budget, now_ms: i64) -> Result<()> {
+    pub async fn create_budget(&self, b: &crate::policy::Budget, audit: &AuditEntry) -> Result<()> {
+        let now_ms = audit.ts_ms;
         let r = BudgetRow::from_budget(b);
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
@@ -372,25 +375,25 @@ impl PgStore {
             StoreError::Conflict(_) => StoreError::Conflict(format!("a budget named {:?} already exists", r.name)),
             other => other,
         })?;
-        bump_version(&tx).await?;
+        record_change(&tx, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
-    pub async fn delete_budget(&self, name: &str) -> Result<()> {
+    pub async fn delete_budget(&self, id: &BudgetId, audit: &AuditEntry) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         let n = tx
-            .execute("DELETE FROM tb_budgets WHERE name = $1", &[&name])
+            .execute("DELETE FROM tb_budgets WHERE id = $1", &[&&*id.0])
             .await
             .map_err(db_err)?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("budget {name:?}")));
+            return Err(StoreError::NotFound(format!("budget {:?}", audit.target)));
         }
-        bump_version(&tx).await?;
+        record_change(&tx, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
-    pub async fn set_price(&self, row: &PriceRow) -> Result<()> {
+    pub async fn set_price(&self, row: &PriceRow, audit: &AuditEntry) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         let p = &row.price;
@@ -412,7 +415,7 @@ impl PgStore {
         )
         .await
         .map_err(db_err)?;
-        bump_version(&tx).await?;
+        record_change(&tx, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -455,14 +458,15 @@ impl PgStore {
             .collect())
     }
 
-    pub async fn deny_events(&self, limit: i64) -> Result<Vec<DenyEvent>> {
+    pub async fn deny_events(&self, q: &DenyQuery) -> Result<Vec<DenyEvent>> {
         let c = self.client().await?;
         let rows = c
             .query(
                 "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
-                 FROM (SELECT * FROM tb_deny_events ORDER BY ts_ms DESC, event_id DESC LIMIT $1) d \
-                 ORDER BY ts_ms, event_id",
-                &[&limit],
+                 FROM tb_deny_events WHERE ts_ms >= $1 AND ts_ms < $2 \
+                   AND ($3::text IS NULL OR principal = $3) AND ($4::text IS NULL OR budget_name = $4) \
+                 ORDER BY ts_ms DESC, event_id DESC LIMIT $5 OFFSET $6",
+                &[&q.since_ms, &q.until_ms, &q.principal, &q.budget, &q.limit, &q.offset],
             )
             .await
             .map_err(db_err)?;
@@ -483,7 +487,52 @@ impl PgStore {
             .collect())
     }
 
-    pub async fn update_budget(&self, b: &crate::policy::Budget, now_ms: i64) -> Result<()> {
+    pub async fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT id, ts_ms, actor, action, target, before_json, after_json FROM tb_audit \
+                 WHERE ($1::text IS NULL OR target = $1) ORDER BY id DESC LIMIT $2 OFFSET $3",
+                &[&q.target, &q.limit, &q.offset],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AuditEntry {
+                id: r.get(0),
+                ts_ms: r.get(1),
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                before: r.get(5),
+                after: r.get(6),
+            })
+            .collect())
+    }
+
+    pub async fn seen(&self, what: Seen, search: &str, limit: i64) -> Result<Vec<String>> {
+        let sql = match what {
+            Seen::Principals => {
+                "SELECT DISTINCT name FROM ( \
+                   SELECT DISTINCT principal AS name FROM tb_usage_hourly \
+                   UNION SELECT principal FROM tb_group_members \
+                   UNION SELECT subject_kind || ':' || subject_name FROM tb_budgets WHERE subject_kind IN ('user', 'service_principal') \
+                 ) n WHERE strpos(lower(name), lower($1)) > 0 ORDER BY name LIMIT $2"
+            }
+            Seen::Models => {
+                "SELECT DISTINCT name FROM ( \
+                   SELECT DISTINCT model AS name FROM tb_usage_hourly UNION SELECT model FROM tb_prices \
+                 ) n WHERE strpos(lower(name), lower($1)) > 0 ORDER BY name LIMIT $2"
+            }
+        };
+        let c = self.client().await?;
+        let rows = c.query(sql, &[&search, &limit]).await.map_err(db_err)?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn update_budget(&self, b: &crate::policy::Budget, audit: &AuditEntry) -> Result<()> {
+        let now_ms = audit.ts_ms;
         let r = BudgetRow::from_budget(b);
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
@@ -503,25 +552,40 @@ impl PgStore {
         if n == 0 {
             return Err(StoreError::NotFound(format!("budget {:?}", r.name)));
         }
-        bump_version(&tx).await?;
+        record_change(&tx, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
-    pub async fn add_member(&self, group: &str, principal: &str, now_ms: i64) -> Result<()> {
+    pub async fn add_member(
+        &self,
+        group: &str,
+        principal: &str,
+        audit: &AuditEntry,
+    ) -> Result<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO tb_group_members (group_name, principal, created_at_ms) VALUES ($1, $2, $3) \
-             ON CONFLICT (group_name, principal) DO NOTHING",
-            &[&group, &principal, &now_ms],
-        )
-        .await
-        .map_err(db_err)?;
-        bump_version(&tx).await?;
-        tx.commit().await.map_err(db_err)
+        let n = tx
+            .execute(
+                "INSERT INTO tb_group_members (group_name, principal, created_at_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (group_name, principal) DO NOTHING",
+                &[&group, &principal, &audit.ts_ms],
+            )
+            .await
+            .map_err(db_err)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        record_change(&tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
-    pub async fn remove_member(&self, group: &str, principal: &str) -> Result<()> {
+    pub async fn remove_member(
+        &self,
+        group: &str,
+        principal: &str,
+        audit: &AuditEntry,
+    ) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         let n = tx
@@ -536,7 +600,7 @@ impl PgStore {
                 "{principal} in group {group:?}"
             )));
         }
-        bump_version(&tx).await?;
+        record_change(&tx, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -556,11 +620,11 @@ impl PgStore {
             .query(
                 &format!(
                     "SELECT {col}, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 FROM tb_usage_hourly \
-                     WHERE hour_start >= $1 AND hour_start < $2 AND ($3::text IS NULL OR principal = $3) \
+                     WHERE hour_start >= $1 AND hour_start < $2 AND ($3::text[] IS NULL OR principal = ANY($3)) \
                        AND ($4::text IS NULL OR model = $4) \
                      GROUP BY {col} ORDER BY 3 DESC, 1 LIMIT $5"
                 ),
-                &[&since, &until, &q.principal, &q.model, &limit],
+                &[&since, &until, &q.principals, &q.model, &limit],
             )
             .await
             .map_err(db_err)?;
@@ -589,11 +653,11 @@ impl PgStore {
         let c = self.client().await?;
         let rows = c
             .query(
-                "SELECT (hour_start / $5) * $5 AS b, model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 \
+                "SELECT ((hour_start - $6) / $5) * $5 + $6 AS b, model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 \
                  FROM tb_usage_hourly WHERE hour_start >= $1 AND hour_start < $2 \
-                   AND ($3::text IS NULL OR principal = $3) AND ($4::text IS NULL OR model = $4) \
+                   AND ($3::text[] IS NULL OR principal = ANY($3)) AND ($4::text IS NULL OR model = $4) \
                  GROUP BY 1, 2 ORDER BY 1, 2",
-                &[&since, &until, &q.principal, &q.model, &bucket],
+                &[&since, &until, &q.principals, &q.model, &bucket, &q.bucket_shift()],
             )
             .await
             .map_err(db_err)?;
@@ -610,10 +674,17 @@ impl PgStore {
     }
 }
 
-async fn bump_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<()> {
+/// Every policy change: bump the version replicas poll, and audit it, in the change's transaction.
+async fn record_change(tx: &deadpool_postgres::Transaction<'_>, a: &AuditEntry) -> Result<()> {
     tx.execute(
         "UPDATE tb_policy_version SET version = version + 1 WHERE id = 1",
         &[],
+    )
+    .await
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO tb_audit (ts_ms, actor, action, target, before_json, after_json) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&a.ts_ms, &a.actor, &a.action, &a.target, &a.before, &a.after],
     )
     .await
     .map_err(db_err)?;

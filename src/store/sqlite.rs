@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Aggregates, Amount, Batch, BatchOutcome, BudgetRow, DenyEvent, PolicyRows, PriceRow, Result,
-    StoreError, UsageBy, UsageEvent, UsagePoint, UsageQuery, UsageTotal, to_i64, to_u64,
+    Aggregates, Amount, AuditEntry, AuditQuery, Batch, BatchOutcome, BudgetRow, DenyEvent,
+    DenyQuery, PolicyRows, PriceRow, Result, Seen, StoreError, UsageBy, UsageEvent, UsagePoint,
+    UsageQuery, UsageTotal, to_i64, to_u64,
 };
 use crate::policy::{Budget, BudgetId, CounterKey, NanoUsd, Price};
 
@@ -16,6 +17,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/sqlite_0001_init.sql")),
     (2, include_str!("migrations/sqlite_0002_policy.sql")),
     (3, include_str!("migrations/sqlite_0003_cache_write_1h.sql")),
+    (4, include_str!("migrations/sqlite_0004_audit.sql")),
 ];
 
 #[derive(Clone)]
@@ -326,8 +328,10 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn create_budget(&self, b: &Budget, now_ms: i64) -> Result<()> {
+    pub async fn create_budget(&self, b: &Budget, audit: &AuditEntry) -> Result<()> {
         let r = BudgetRow::from_budget(b);
+        let audit = audit.clone();
+        let now_ms = audit.ts_ms;
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             tx.execute(
@@ -343,30 +347,32 @@ impl SqliteStore {
                 StoreError::Conflict(_) => StoreError::Conflict(format!("a budget named {:?} already exists", r.name)),
                 other => other,
             })?;
-            bump_version(&tx)?;
+            record_change(&tx, &audit)?;
             tx.commit().map_err(db_err)
         })
         .await
     }
 
-    pub async fn delete_budget(&self, name: &str) -> Result<()> {
-        let name = name.to_owned();
+    pub async fn delete_budget(&self, id: &BudgetId, audit: &AuditEntry) -> Result<()> {
+        let id = id.0.to_string();
+        let audit = audit.clone();
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let n = tx
-                .execute("DELETE FROM tb_budgets WHERE name = ?1", [&name])
+                .execute("DELETE FROM tb_budgets WHERE id = ?1", [&id])
                 .map_err(db_err)?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!("budget {name:?}")));
+                return Err(StoreError::NotFound(format!("budget {:?}", audit.target)));
             }
-            bump_version(&tx)?;
+            record_change(&tx, &audit)?;
             tx.commit().map_err(db_err)
         })
         .await
     }
 
-    pub async fn set_price(&self, row: &PriceRow) -> Result<()> {
+    pub async fn set_price(&self, row: &PriceRow, audit: &AuditEntry) -> Result<()> {
         let row = row.clone();
+        let audit = audit.clone();
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let p = row.price;
@@ -387,7 +393,7 @@ impl SqliteStore {
                 ],
             )
             .map_err(db_err)?;
-            bump_version(&tx)?;
+            record_change(&tx, &audit)?;
             tx.commit().map_err(db_err)
         })
         .await
@@ -435,27 +441,60 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn deny_events(&self, limit: i64) -> Result<Vec<DenyEvent>> {
+    pub async fn deny_events(&self, q: &DenyQuery) -> Result<Vec<DenyEvent>> {
+        let q = q.clone();
         self.with(move |c| {
             let mut st = c
                 .prepare(
                     "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
-                     FROM (SELECT * FROM tb_deny_events ORDER BY ts_ms DESC, event_id DESC LIMIT ?1) ORDER BY ts_ms, event_id",
+                     FROM tb_deny_events WHERE ts_ms >= ?1 AND ts_ms < ?2 \
+                       AND (?3 IS NULL OR principal = ?3) AND (?4 IS NULL OR budget_name = ?4) \
+                     ORDER BY ts_ms DESC, event_id DESC LIMIT ?5 OFFSET ?6",
                 )
                 .map_err(db_err)?;
             let rows = st
-                .query_map([limit], |r| {
-                    Ok(DenyEvent {
-                        event_id: r.get(0)?,
-                        request_id: r.get(1)?,
-                        ts_ms: r.get(2)?,
-                        principal: r.get(3)?,
-                        model: r.get(4)?,
-                        budget_name: r.get(5)?,
-                        reason: r.get(6)?,
-                        unit: r.get(7)?,
-                        used: to_u64(r.get(8)?),
-                        limit: to_u64(r.get(9)?),
+                .query_map(
+                    params![q.since_ms, q.until_ms, q.principal, q.budget, q.limit, q.offset],
+                    |r| {
+                        Ok(DenyEvent {
+                            event_id: r.get(0)?,
+                            request_id: r.get(1)?,
+                            ts_ms: r.get(2)?,
+                            principal: r.get(3)?,
+                            model: r.get(4)?,
+                            budget_name: r.get(5)?,
+                            reason: r.get(6)?,
+                            unit: r.get(7)?,
+                            used: to_u64(r.get(8)?),
+                            limit: to_u64(r.get(9)?),
+                        })
+                    },
+                )
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        let q = q.clone();
+        self.with(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT id, ts_ms, actor, action, target, before_json, after_json FROM tb_audit \
+                     WHERE (?1 IS NULL OR target = ?1) ORDER BY id DESC LIMIT ?2 OFFSET ?3",
+                )
+                .map_err(db_err)?;
+            let rows = st
+                .query_map(params![q.target, q.limit, q.offset], |r| {
+                    Ok(AuditEntry {
+                        id: r.get(0)?,
+                        ts_ms: r.get(1)?,
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        target: r.get(4)?,
+                        before: r.get(5)?,
+                        after: r.get(6)?,
                     })
                 })
                 .map_err(db_err)?;
@@ -464,8 +503,36 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn update_budget(&self, b: &Budget, now_ms: i64) -> Result<()> {
+    pub async fn seen(&self, what: Seen, search: &str, limit: i64) -> Result<Vec<String>> {
+        let search = search.to_owned();
+        self.with(move |c| {
+            let sql = match what {
+                Seen::Principals => {
+                    "SELECT name FROM ( \
+                       SELECT principal AS name FROM tb_usage_hourly \
+                       UNION SELECT principal FROM tb_group_members \
+                       UNION SELECT subject_kind || ':' || subject_name FROM tb_budgets WHERE subject_kind IN ('user', 'service_principal') \
+                     ) WHERE instr(lower(name), lower(?1)) > 0 ORDER BY name LIMIT ?2"
+                }
+                Seen::Models => {
+                    "SELECT name FROM ( \
+                       SELECT model AS name FROM tb_usage_hourly UNION SELECT model FROM tb_prices \
+                     ) WHERE instr(lower(name), lower(?1)) > 0 ORDER BY name LIMIT ?2"
+                }
+            };
+            let mut st = c.prepare(sql).map_err(db_err)?;
+            let rows = st
+                .query_map(params![search, limit], |r| r.get::<_, String>(0))
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    pub async fn update_budget(&self, b: &Budget, audit: &AuditEntry) -> Result<()> {
         let r = BudgetRow::from_budget(b);
+        let audit = audit.clone();
+        let now_ms = audit.ts_ms;
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let n = tx
@@ -482,30 +549,47 @@ impl SqliteStore {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("budget {:?}", r.name)));
             }
-            bump_version(&tx)?;
+            record_change(&tx, &audit)?;
             tx.commit().map_err(db_err)
         })
         .await
     }
 
-    pub async fn add_member(&self, group: &str, principal: &str, now_ms: i64) -> Result<()> {
+    pub async fn add_member(
+        &self,
+        group: &str,
+        principal: &str,
+        audit: &AuditEntry,
+    ) -> Result<bool> {
         let (group, principal) = (group.to_owned(), principal.to_owned());
+        let audit = audit.clone();
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
-            tx.execute(
-                "INSERT INTO tb_group_members (group_name, principal, created_at_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (group_name, principal) DO NOTHING",
-                params![group, principal, now_ms],
-            )
-            .map_err(db_err)?;
-            bump_version(&tx)?;
-            tx.commit().map_err(db_err)
+            let n = tx
+                .execute(
+                    "INSERT INTO tb_group_members (group_name, principal, created_at_ms) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (group_name, principal) DO NOTHING",
+                    params![group, principal, audit.ts_ms],
+                )
+                .map_err(db_err)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            record_change(&tx, &audit)?;
+            tx.commit().map_err(db_err)?;
+            Ok(true)
         })
         .await
     }
 
-    pub async fn remove_member(&self, group: &str, principal: &str) -> Result<()> {
+    pub async fn remove_member(
+        &self,
+        group: &str,
+        principal: &str,
+        audit: &AuditEntry,
+    ) -> Result<()> {
         let (group, principal) = (group.to_owned(), principal.to_owned());
+        let audit = audit.clone();
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let n = tx
@@ -519,7 +603,7 @@ impl SqliteStore {
                     "{principal} in group {group:?}"
                 )));
             }
-            bump_version(&tx)?;
+            record_change(&tx, &audit)?;
             tx.commit().map_err(db_err)
         })
         .await
@@ -532,7 +616,7 @@ impl SqliteStore {
         limit: i64,
     ) -> Result<Vec<UsageTotal>> {
         let (since, until) = q.hours();
-        let (principal, model) = (q.principal.clone(), q.model.clone());
+        let (principals, model) = (q.principals_json(), q.model.clone());
         self.with(move |c| {
             let col = match by {
                 UsageBy::Principal => "principal",
@@ -541,13 +625,14 @@ impl SqliteStore {
             let mut st = c
                 .prepare(&format!(
                     "SELECT {col}, SUM(requests), SUM(tokens), SUM(cost_nanos) FROM tb_usage_hourly \
-                     WHERE hour_start >= ?1 AND hour_start < ?2 AND (?3 IS NULL OR principal = ?3) \
+                     WHERE hour_start >= ?1 AND hour_start < ?2 \
+                       AND (?3 IS NULL OR principal IN (SELECT value FROM json_each(?3))) \
                        AND (?4 IS NULL OR model = ?4) \
                      GROUP BY {col} ORDER BY 3 DESC, 1 LIMIT ?5"
                 ))
                 .map_err(db_err)?;
             let rows = st
-                .query_map(params![since, until, principal, model, limit], |r| {
+                .query_map(params![since, until, principals, model, limit], |r| {
                     let key: String = r.get(0)?;
                     let (principal, model) = match by {
                         UsageBy::Principal => (key, String::new()),
@@ -570,18 +655,20 @@ impl SqliteStore {
     pub async fn usage_timeseries(&self, q: &UsageQuery) -> Result<Vec<UsagePoint>> {
         let (since, until) = q.hours();
         let bucket = q.bucket_secs.max(3_600);
-        let (principal, model) = (q.principal.clone(), q.model.clone());
+        let shift = q.bucket_shift();
+        let (principals, model) = (q.principals_json(), q.model.clone());
         self.with(move |c| {
             let mut st = c
                 .prepare(
-                    "SELECT (hour_start / ?5) * ?5 AS b, model, SUM(requests), SUM(tokens), SUM(cost_nanos) \
+                    "SELECT ((hour_start - ?6) / ?5) * ?5 + ?6 AS b, model, SUM(requests), SUM(tokens), SUM(cost_nanos) \
                      FROM tb_usage_hourly WHERE hour_start >= ?1 AND hour_start < ?2 \
-                       AND (?3 IS NULL OR principal = ?3) AND (?4 IS NULL OR model = ?4) \
+                       AND (?3 IS NULL OR principal IN (SELECT value FROM json_each(?3))) \
+                       AND (?4 IS NULL OR model = ?4) \
                      GROUP BY 1, 2 ORDER BY 1, 2",
                 )
                 .map_err(db_err)?;
             let rows = st
-                .query_map(params![since, until, principal, model, bucket], |r| {
+                .query_map(params![since, until, principals, model, bucket, shift], |r| {
                     Ok(UsagePoint {
                         start: r.get(0)?,
                         model: r.get(1)?,
@@ -597,10 +684,16 @@ impl SqliteStore {
     }
 }
 
-fn bump_version(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+/// Every policy change: bump the version, and audit it, in the change's transaction.
+fn record_change(tx: &rusqlite::Transaction<'_>, a: &AuditEntry) -> Result<()> {
     tx.execute(
         "UPDATE tb_policy_version SET version = version + 1 WHERE id = 1",
         [],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO tb_audit (ts_ms, actor, action, target, before_json, after_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![a.ts_ms, a.actor, a.action, a.target, a.before, a.after],
     )
     .map_err(db_err)?;
     Ok(())

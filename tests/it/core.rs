@@ -132,7 +132,7 @@ async fn daily_budget_is_debited_exactly_then_denied(backend: Backend) {
     eventually("deny event stored", Duration::from_secs(5), || {
         let s = store.clone();
         async move {
-            s.deny_events(10)
+            s.deny_events(&tokenbudget::store::DenyQuery::recent(10))
                 .await
                 .map(|d| d.iter().any(|d| d.principal == "user:alice"))
                 .unwrap_or(false)

@@ -307,7 +307,16 @@ impl Stack {
 
     /// Creates a budget the way the CLI does (in the store) and waits until the sidecar uses it.
     pub async fn create_budget(&self, b: &Budget) {
-        self.store.create_budget(b, 0).await.unwrap();
+        self.store
+            .create_budget(
+                b,
+                &tokenbudget::store::Actor {
+                    name: "test".into(),
+                    ts_ms: 0,
+                },
+            )
+            .await
+            .unwrap();
         let ledger = Arc::clone(&self.sidecar().ledger);
         let name = b.name.clone();
         eventually(

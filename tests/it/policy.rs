@@ -285,11 +285,15 @@ async fn shadow_budget_passes_and_records_the_would_block(b: Backend) {
     eventually("shadow deny recorded", Duration::from_secs(5), || {
         let s = store.clone();
         async move {
-            s.deny_events(10).await.unwrap().iter().any(|d| {
-                d.budget_name == "watch all"
-                    && d.reason.starts_with("shadow:")
-                    && d.principal == "user:ivan"
-            })
+            s.deny_events(&tokenbudget::store::DenyQuery::recent(10))
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| {
+                    d.budget_name == "watch all"
+                        && d.reason.starts_with("shadow:")
+                        && d.principal == "user:ivan"
+                })
         }
     })
     .await;
