@@ -599,8 +599,7 @@ impl Store {
             .list_prices()
             .await?
             .into_iter()
-            .filter(|r| r.model == row.model && r.effective_from_ms <= row.effective_from_ms)
-            .last();
+            .rfind(|r| r.model == row.model && r.effective_from_ms <= row.effective_from_ms);
         let audit = AuditEntry::new(
             who,
             "price.set",
