@@ -41,12 +41,15 @@ pub struct Running {
     grace: Duration,
 }
 
-pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+pub async fn open_store(config: &Config, clock: &SharedClock) -> anyhow::Result<Store> {
     let store = Store::open(&config.store)
         .await
         .context("opening the store")?;
     if config.migrate_on_start {
-        store.migrate().await.context("migrating the store")?;
+        store
+            .migrate(clock.now().timestamp_millis())
+            .await
+            .context("migrating the store")?;
     }
     Ok(store)
 }
@@ -75,7 +78,7 @@ pub async fn apply_config_budgets(
 }
 
 pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running> {
-    let store = open_store(&config).await?;
+    let store = open_store(&config, &clock).await?;
     apply_config_budgets(&config, &store, &clock).await?;
     let ledger = Ledger::new(
         config.policy_settings(),
@@ -134,8 +137,17 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
     }));
 
     let (stop_admin, mut admin_rx) = watch::channel(false);
+    if config.admin_tokens.is_empty() {
+        tracing::warn!(
+            "no admin tokens configured ([[admin.tokens]]): the admin API refuses every request"
+        );
+    }
     let app = admin::router(AdminState {
         ledger: Arc::clone(&ledger),
+        store: store.clone(),
+        tokens: config.admin_tokens.clone().into(),
+        default_output_tokens: config.extproc.default_output_tokens,
+        cors_origins: config.cors_origins.clone(),
     });
     let admin = tokio::spawn(async move {
         axum::serve(

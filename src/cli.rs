@@ -243,7 +243,7 @@ fn status_json(s: &BudgetStatus, member: &str) -> Value {
 }
 
 pub async fn budgets(config: &Config, clock: &SharedClock, cmd: BudgetCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config).await?;
+    let store = crate::app::open_store(config, clock).await?;
     match cmd {
         BudgetCmd::Create(args) => {
             let b = args.spec().to_budget(&new_id()).map_err(spec_error)?;
@@ -454,7 +454,7 @@ fn usd_arg(flag: &str, v: &str) -> anyhow::Result<NanoUsd> {
 }
 
 pub async fn prices(config: &Config, clock: &SharedClock, cmd: PriceCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config).await?;
+    let store = crate::app::open_store(config, clock).await?;
     let now_ms = clock.now().timestamp_millis();
     match cmd {
         PriceCmd::List {
@@ -604,19 +604,11 @@ pub enum GroupCmd {
 
 /// `alice` → `user:alice`; `user:…` and `service_principal:…` (or `sp:…`) are kept.
 fn principal_key(p: &str) -> anyhow::Result<String> {
-    match p.split_once(':') {
-        Some(("user", id)) | Some(("service_principal", id)) if !id.is_empty() => Ok(p.to_owned()),
-        Some(("sp", id)) if !id.is_empty() => Ok(format!("service_principal:{id}")),
-        Some(_) => {
-            bail!("principal {p:?}: expected user:NAME, service_principal:ID, or a bare user name")
-        }
-        None if !p.is_empty() => Ok(format!("user:{p}")),
-        None => bail!("principal must not be empty"),
-    }
+    crate::policy::principal_key(p).map_err(|e| anyhow::anyhow!("principal {e}"))
 }
 
 pub async fn groups(config: &Config, clock: &SharedClock, cmd: GroupCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config).await?;
+    let store = crate::app::open_store(config, clock).await?;
     match cmd {
         GroupCmd::Add { group, principals } => {
             if group.trim().is_empty() || principals.is_empty() {
@@ -706,7 +698,7 @@ pub enum BucketArg {
 }
 
 pub async fn usage(config: &Config, clock: &SharedClock, cmd: UsageCmd) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config).await?;
+    let store = crate::app::open_store(config, clock).await?;
     let now_ms = clock.now().timestamp_millis();
     let since = |h: u64| now_ms - i64::try_from(h.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
     match cmd {
@@ -852,7 +844,7 @@ fn reason_str(r: DenyReason) -> &'static str {
 
 /// Dry run of an admission: which budgets match, where each stands, which binds, and the decision.
 pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow::Result<()> {
-    let store = crate::app::open_store(config).await?;
+    let store = crate::app::open_store(config, clock).await?;
     let ledger = loaded_ledger(config, &store, clock).await?;
     let principal = Principal {
         kind: match a.kind {

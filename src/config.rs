@@ -42,6 +42,24 @@ struct Raw {
     models: RawModels,
     groups: Vec<RawGroup>,
     budgets: Vec<BudgetSpec>,
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    tokens: Vec<RawToken>,
+    /// Origins allowed to call the API from a browser page they serve; none by default.
+    cors_origins: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    role: String,
+    /// Hex SHA-256 of the token (`tokenbudget token new` prints both).
+    sha256: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +263,10 @@ pub struct Config {
     pub groups: Vec<(String, String)>,
     /// Budgets from the config file, applied at startup by name.
     pub budgets: Vec<Budget>,
+    /// Admin API tokens (hashes); none means the API refuses every request.
+    pub admin_tokens: Vec<crate::admin::auth::AdminToken>,
+    /// Browser origins allowed by CORS; empty means no CORS headers at all.
+    pub cors_origins: Vec<String>,
 }
 
 /// Environment overrides, applied after the file.
@@ -443,18 +465,10 @@ impl Config {
                 });
             }
             for m in &g.members {
-                let key = match m.split_once(':') {
-                    Some(("user" | "service_principal", id)) if !id.is_empty() => m.clone(),
-                    Some(_) => {
-                        return Err(ConfigError {
-                            key: format!("groups[{i}].members"),
-                            message: format!(
-                                "{m:?}: expected user:NAME, service_principal:ID, or a bare user name"
-                            ),
-                        });
-                    }
-                    None => format!("user:{m}"),
-                };
+                let key = crate::policy::principal_key(m).map_err(|message| ConfigError {
+                    key: format!("groups[{i}].members"),
+                    message,
+                })?;
                 groups.push((g.name.clone(), key));
             }
         }
@@ -475,6 +489,42 @@ impl Config {
             }
             budgets.push(b);
         }
+        let mut admin_tokens: Vec<crate::admin::auth::AdminToken> = Vec::new();
+        for (i, t) in raw.admin.tokens.iter().enumerate() {
+            let key = |field: &str| format!("admin.tokens[{i}].{field}");
+            let name = t.name.trim();
+            if name.is_empty() {
+                return Err(err(&key("name"), "must not be empty"));
+            }
+            if admin_tokens.iter().any(|x| x.name == name) {
+                return Err(err(&key("name"), format!("duplicate token name {name:?}")));
+            }
+            let role = crate::admin::auth::Role::parse(&t.role).ok_or_else(|| {
+                err(
+                    &key("role"),
+                    format!("expected admin or viewer, got {:?}", t.role),
+                )
+            })?;
+            let sha256 = crate::admin::auth::parse_digest(&t.sha256).ok_or_else(|| {
+                err(
+                    &key("sha256"),
+                    "expected 64 hex digits (the SHA-256 of the token; see `tokenbudget token new`)",
+                )
+            })?;
+            admin_tokens.push(crate::admin::auth::AdminToken {
+                name: name.to_string(),
+                role,
+                sha256,
+            });
+        }
+        for (i, o) in raw.admin.cors_origins.iter().enumerate() {
+            if o == "*" || !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(err(
+                    &format!("admin.cors_origins[{i}]"),
+                    format!("expected an origin like https://admin.example.com, got {o:?}"),
+                ));
+            }
+        }
         let models = ModelAliases {
             aliases: raw.models.aliases,
             strip_prefixes: raw.models.strip_prefixes,
@@ -484,6 +534,8 @@ impl Config {
             models,
             groups,
             budgets,
+            admin_tokens,
+            cors_origins: raw.admin.cors_origins,
             grpc_listen: addr("server.grpc_listen", &raw.server.grpc_listen)?,
             admin_listen: addr("server.admin_listen", &raw.server.admin_listen)?,
             shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),

@@ -59,6 +59,25 @@ enum Command {
     },
     /// Dry-run a decision: which budgets match, where each stands, which binds, and why.
     Check(CheckArgs),
+    /// Admin API tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a new random token; prints it once, with the [[admin.tokens]] entry that accepts it.
+    New {
+        /// Recorded as the actor of every change made with this token.
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["admin", "viewer"], default_value = "viewer")]
+        role: String,
+    },
+    /// Print the SHA-256 of a token read from standard input (for a token you made yourself).
+    Hash,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +126,9 @@ fn main() -> ExitCode {
         println!("  timezone     {}", config.timezone);
         return ExitCode::SUCCESS;
     }
+    if let Command::Token { cmd } = &cli.command {
+        return token(cmd);
+    }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -123,10 +145,13 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(config, clock).await,
             Command::Migrate => {
-                tokenbudget::app::open_store(&Config {
-                    migrate_on_start: true,
-                    ..config
-                })
+                tokenbudget::app::open_store(
+                    &Config {
+                        migrate_on_start: true,
+                        ..config
+                    },
+                    &clock,
+                )
                 .await?;
                 println!("migrations applied");
                 Ok(())
@@ -136,7 +161,7 @@ fn main() -> ExitCode {
             Command::Prices { cmd } => cli::prices(&config, &clock, cmd).await,
             Command::Groups { cmd } => cli::groups(&config, &clock, cmd).await,
             Command::Check(args) => cli::check(&config, &clock, args).await,
-            Command::Config { .. } => Ok(()),
+            Command::Config { .. } | Command::Token { .. } => Ok(()),
         }
     });
     match result {
@@ -146,6 +171,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn token(cmd: &TokenCmd) -> ExitCode {
+    use tokenbudget::admin::auth;
+    match cmd {
+        TokenCmd::New { name, role } => {
+            let (token, digest) = auth::new_token();
+            println!("token (shown once; give it to the {role}):\n  {token}\n");
+            println!(
+                "config entry:\n[[admin.tokens]]\nname = {name:?}\nrole = {role:?}\nsha256 = \"{digest}\""
+            );
+        }
+        TokenCmd::Hash => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() || line.trim().is_empty() {
+                eprintln!("tokenbudget: expected a token on standard input");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", hex::encode(auth::sha256(line.trim())));
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 async fn serve(config: Config, clock: SharedClock) -> anyhow::Result<()> {

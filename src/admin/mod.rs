@@ -1,27 +1,80 @@
-//! The admin HTTP port: health and readiness now; the REST API, web UI and metrics build on it.
+//! The admin HTTP port: health and readiness, Prometheus metrics, the REST API under `/api/v1`
+//! (with its OpenAPI document) and the web UI at `/`.
+//!
+//! **Boundary:** the API reads budgets and statuses from the ledger's memory and changes them
+//! through the store (audited), then reloads the ledger's policy; it never touches the hot path.
+
+pub mod api;
+pub mod auth;
+pub mod problem;
+mod ui;
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
 use crate::ledger::Ledger;
+use crate::store::Store;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub ledger: Arc<Ledger>,
+    pub store: Store,
+    pub tokens: Arc<[auth::AdminToken]>,
+    /// The output bound `check` assumes when the request gives none.
+    pub default_output_tokens: u64,
+    pub cors_origins: Vec<String>,
 }
 
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let (api, mut doc) = api::routes();
+    doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
+    let doc = axum::body::Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
+    let api = api
+        .fallback(|| async { problem::Problem::not_found("no such API route") })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.tokens),
+            auth::require,
+        ));
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state)
+        .route(
+            "/api/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], doc) }
+            }),
+        )
+        .nest("/api/v1", api)
+        .merge(ui::routes())
+        .with_state(state.clone());
+    if !state.cors_origins.is_empty() {
+        let origins: Vec<HeaderValue> = state
+            .cors_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        app = app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([
+                    Method::GET,
+                    Method::POST,
+                    Method::PUT,
+                    Method::PATCH,
+                    Method::DELETE,
+                ])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    app
 }
 
 /// Prometheus exposition (OpenMetrics text).

@@ -97,6 +97,11 @@ impl Ledger {
         })
     }
 
+    /// Group membership declared in the config file: (group, principal key).
+    pub fn config_groups(&self) -> &[(String, String)] {
+        &self.settings.groups
+    }
+
     pub fn clock(&self) -> &SharedClock {
         &self.clock
     }
@@ -254,6 +259,10 @@ impl Ledger {
 
     /// Installs a new policy from store rows.
     pub(crate) fn install_policy(&self, rows: PolicyRows) {
+        // A sync that read the store before an admin change must not undo that change's reload.
+        if u64::try_from(rows.version).unwrap_or(0) < self.loaded_version() {
+            return;
+        }
         let mut prices = PriceBook::default();
         for p in rows.prices {
             prices.insert(&p.model, p.effective_from_ms, p.price);

@@ -31,6 +31,13 @@ pub async fn load(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Reloads the policy now (after an admin change), instead of at the next sync.
+pub async fn reload_policy(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
+    let rows = store.load_policy().await?;
+    ledger.install_policy(rows);
+    Ok(())
+}
+
 async fn sync_counters(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
     let current = ledger.current_windows();
     let windows: Vec<_> = current.iter().map(|(k, v)| (k.clone(), *v)).collect();

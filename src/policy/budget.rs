@@ -62,6 +62,34 @@ impl Principal {
     pub fn key(&self) -> String {
         format!("{}:{}", self.kind.as_str(), self.id)
     }
+
+    /// The principal of a key made by [`principal_key`].
+    pub fn from_key(key: &str, groups: Vec<String>) -> Principal {
+        let (kind, id) = match key.split_once(':') {
+            Some(("service_principal", id)) => (PrincipalKind::ServicePrincipal, id),
+            Some(("user", id)) => (PrincipalKind::User, id),
+            _ => (PrincipalKind::User, key),
+        };
+        Principal {
+            kind,
+            id: id.to_owned(),
+            groups,
+        }
+    }
+}
+
+/// A principal as people write it, as a key: `alice` → `user:alice`, `sp:ID` →
+/// `service_principal:ID`; `user:…` and `service_principal:…` are kept.
+pub fn principal_key(p: &str) -> Result<String, String> {
+    match p.split_once(':') {
+        Some(("user" | "service_principal", id)) if !id.is_empty() => Ok(p.to_owned()),
+        Some(("sp", id)) if !id.is_empty() => Ok(format!("service_principal:{id}")),
+        Some(_) => Err(format!(
+            "{p:?}: expected user:NAME, service_principal:ID, or a bare user name"
+        )),
+        None if !p.trim().is_empty() => Ok(format!("user:{p}")),
+        None => Err("must not be empty".into()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

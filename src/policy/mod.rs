@@ -27,7 +27,7 @@ pub use admission::{
 };
 pub use budget::{
     Action, Budget, BudgetError, BudgetId, Limit, ModelSet, Principal, PrincipalKind, Scope,
-    Subject, SubjectKind, Unit,
+    Subject, SubjectKind, Unit, principal_key,
 };
 pub use models::ModelAliases;
 pub use money::{NanoUsd, Price, TokenClasses, Tokens};

@@ -10,7 +10,7 @@ use super::budget::{Action, Budget, BudgetId, Limit, ModelSet, Scope, Subject, S
 use super::money::{NanoUsd, Tokens};
 use super::window::{Window, WindowUnit};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSpec {
     pub name: String,

@@ -20,7 +20,7 @@ async fn postgres() -> (Store, Fixture) {
     })
     .await
     .unwrap();
-    store.migrate().await.unwrap();
+    store.migrate(1).await.unwrap();
     (store, Fixture::Pg(db))
 }
 
@@ -31,7 +31,7 @@ async fn sqlite() -> (Store, Fixture) {
     })
     .await
     .unwrap();
-    store.migrate().await.unwrap();
+    store.migrate(1).await.unwrap();
     (store, Fixture::Sqlite(dir))
 }
 
@@ -125,11 +125,11 @@ fn key(budget: &str, member: &str) -> CounterKey {
 }
 
 async fn migrate_is_idempotent_and_seeds_prices(s: Store) {
-    s.migrate().await.unwrap();
+    s.migrate(1).await.unwrap();
     let prices = s.list_prices().await.unwrap();
     assert!(prices.iter().any(|p| p.model == "gpt-4o-mini"));
     let n = prices.len();
-    s.migrate().await.unwrap();
+    s.migrate(1).await.unwrap();
     assert_eq!(s.list_prices().await.unwrap().len(), n);
 }
 

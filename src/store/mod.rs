@@ -523,8 +523,9 @@ impl Store {
         }
     }
 
-    /// Applies pending schema migrations; seeds the default price table into an empty store.
-    pub async fn migrate(&self) -> Result<()> {
+    /// Applies pending schema migrations; seeds the default price table into an empty store
+    /// (audited as `defaults` at `now_ms`).
+    pub async fn migrate(&self, now_ms: i64) -> Result<()> {
         dispatch!(self, s => s.migrate().await)?;
         if self.list_prices().await?.is_empty() {
             for (model, price) in crate::policy::prices::default_prices() {
@@ -534,6 +535,7 @@ impl Store {
                     price,
                 };
                 let audit = AuditEntry {
+                    ts_ms: now_ms,
                     actor: "defaults".into(),
                     action: "price.set".into(),
                     target: row.model.clone(),
