@@ -263,7 +263,8 @@ impl Stack {
             "[server]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_seconds = 10\n\
              [store]\n{store_toml}\n\
              [ledger]\nflush_interval_ms = 20\nsync_interval_ms = 100\n\
-             {extra}\n"
+             {extra}\n{}",
+            admin_tokens_toml()
         );
         let sidecar = start_sidecar(&config, &clock).await;
         let grpc_addr = sidecar.grpc_addr;
@@ -366,6 +367,34 @@ impl Stack {
         )
         .await;
         self.store.usage_events(None, 10_000).await.unwrap()
+    }
+}
+
+/// The admin API tokens every test stack accepts.
+pub const ADMIN_TOKEN: &str = "tb_test_admin_token_0123456789";
+pub const VIEWER_TOKEN: &str = "tb_test_viewer_token_0123456789";
+
+fn admin_tokens_toml() -> String {
+    let hash = |t: &str| hex::encode(tokenbudget::admin::auth::sha256(t));
+    format!(
+        "[[admin.tokens]]\nname = \"tester\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
+         [[admin.tokens]]\nname = \"watcher\"\nrole = \"viewer\"\nsha256 = \"{}\"\n",
+        hash(ADMIN_TOKEN),
+        hash(VIEWER_TOKEN)
+    )
+}
+
+impl Stack {
+    /// The sidecar's admin port URL of `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.sidecar().admin_addr)
+    }
+
+    /// An admin API request (`path` under `/api/v1`) with the admin token.
+    pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.admin_url(&format!("/api/v1{path}")))
+            .bearer_auth(ADMIN_TOKEN)
     }
 }
 

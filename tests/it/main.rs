@@ -1,6 +1,7 @@
 //! The integration suite: one binary, real Envoy + real Postgres/SQLite + the fake model.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod api;
 mod cli;
 mod core;
 mod envoy_configs;
