@@ -302,7 +302,11 @@ async fn budgets_crud_validation_pagination_and_audit() {
     assert_eq!(v["limit_tokens"], 100000);
     assert_eq!(v["limit_usd"], Value::Null);
     assert_eq!(v["action"], "shadow");
-    assert_eq!(v["models"], json!(["claude-sonnet-4-5", "gpt-4o"]), "kept, sorted");
+    assert_eq!(
+        v["models"],
+        json!(["claude-sonnet-4-5", "gpt-4o"]),
+        "kept, sorted"
+    );
     let r = stack
         .api(Method::PATCH, "/budgets/eng%20daily")
         .json(&json!({"window": "year"}))
