@@ -53,3 +53,13 @@ sig = hmac.new(b"tokenbudget-demo-signing-key-change-me", f"{head}.{body}".encod
 print(f"{head}.{body}.{b64(sig)}")
 PY
 }
+
+# Debian's Chromium and ChromeDriver for the web UI test (tests/it/browser.rs).
+ensure_chromium() {
+  if command -v chromedriver >/dev/null && [ -x /usr/bin/chromium ]; then return 0; fi
+  echo "==> installing chromium and chromium-driver (Debian packages)"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y -q chromium chromium-driver >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium chromium-driver >/dev/null; }
+}

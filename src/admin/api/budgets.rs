@@ -466,6 +466,7 @@ pub enum StateFilter {
 #[serde(deny_unknown_fields)]
 pub struct StatusQuery {
     /// Which rows: `near` (default), `over` or `all`.
+    #[param(inline)]
     state: Option<StateFilter>,
     /// The fraction of the limit that counts as near (default 0.8).
     #[param(minimum = 0.0, maximum = 1.0)]
@@ -549,10 +550,15 @@ pub struct CheckRequest {
     groups: Vec<String>,
     model: String,
     #[serde(default)]
+    #[schema(maximum = 1_000_000_000)]
     input_tokens: u64,
     /// The output bound to assume (default: the server's `admission.default_output_tokens`).
+    #[schema(maximum = 1_000_000_000)]
     max_output_tokens: Option<u64>,
 }
+
+/// Token counts a check accepts: far above any context window, far below overflow.
+const MAX_CHECK_TOKENS: u64 = 1_000_000_000;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CheckConsidered {
@@ -609,6 +615,14 @@ pub async fn check(
     let key = principal_key(&r.principal).map_err(|e| Problem::invalid("principal", e))?;
     if r.model.trim().is_empty() {
         return Err(Problem::invalid("model", "must not be empty"));
+    }
+    for (field, v) in [
+        ("input_tokens", Some(r.input_tokens)),
+        ("max_output_tokens", r.max_output_tokens),
+    ] {
+        if v.is_some_and(|v| v > MAX_CHECK_TOKENS) {
+            return Err(Problem::invalid(field, format!("at most {MAX_CHECK_TOKENS}")));
+        }
     }
     let principal = Principal::from_key(&key, r.groups);
     let policy = s.ledger.policy();

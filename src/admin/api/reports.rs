@@ -60,10 +60,13 @@ pub struct UsageParams {
     /// RFC 3339; default: now.
     until: Option<String>,
     /// Time series only: `hour` (default), `day` or `week` (UTC buckets).
+    #[param(inline)]
     bucket: Option<Bucket>,
     /// Time series only: what `value` holds, `tokens` (default) or `usd`.
+    #[param(inline)]
     metric: Option<Metric>,
     /// Top only: `principal` (default) or `model`.
+    #[param(inline)]
     by: Option<By>,
     /// Only this principal (`user:NAME`, `service_principal:ID`, or a bare user name).
     principal: Option<String>,
@@ -174,6 +177,7 @@ pub async fn timeseries(
     State(s): St,
     ApiQuery(p): ApiQuery<UsageParams>,
 ) -> Result<axum::Json<Timeseries>, Problem> {
+    paging(p.limit, None)?;
     let bucket = p.bucket.unwrap_or(Bucket::Hour);
     let metric = p.metric.unwrap_or(Metric::Tokens);
     let (period, q) = usage_query(&s, &p, bucket).await?;
