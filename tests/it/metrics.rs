@@ -149,4 +149,34 @@ async fn scraped_metrics_match_the_traffic_sent() {
         !t.contains("quinn") && !t.contains("my-own-model"),
         "no principal or client-chosen model in labels"
     );
+
+    // Every series the shipped Grafana dashboard queries exists in a real scrape.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::harness::repo_path("deploy/grafana/tokenbudget.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("tokenbudget_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.push(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    for name in &queried {
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the dashboard queries {name}, which /metrics does not expose"
+        );
+    }
 }

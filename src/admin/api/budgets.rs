@@ -621,7 +621,10 @@ pub async fn check(
         ("max_output_tokens", r.max_output_tokens),
     ] {
         if v.is_some_and(|v| v > MAX_CHECK_TOKENS) {
-            return Err(Problem::invalid(field, format!("at most {MAX_CHECK_TOKENS}")));
+            return Err(Problem::invalid(
+                field,
+                format!("at most {MAX_CHECK_TOKENS}"),
+            ));
         }
     }
     let principal = Principal::from_key(&key, r.groups);
