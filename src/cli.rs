@@ -834,14 +834,6 @@ pub enum KindOfPrincipal {
     ServicePrincipal,
 }
 
-fn reason_str(r: DenyReason) -> &'static str {
-    match r {
-        DenyReason::Exhausted => "exhausted",
-        DenyReason::NeverFits => "never_fits",
-        DenyReason::ModelNotPriced => "model_not_priced",
-    }
-}
-
 /// Dry run of an admission: which budgets match, where each stands, which binds, and the decision.
 pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow::Result<()> {
     let store = crate::app::open_store(config, clock).await?;
@@ -880,7 +872,7 @@ pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow
             .map(|c| {
                 let mut v = status_json(&c.status, &c.key.member);
                 v["requested"] = json!(c.want);
-                v["verdict"] = json!(c.verdict.map(reason_str).unwrap_or("fits"));
+                v["verdict"] = json!(c.verdict.map(DenyReason::as_str).unwrap_or("fits"));
                 v["binds"] = json!(binding.as_deref() == Some(c.status.name.as_str()));
                 v
             })
@@ -928,7 +920,7 @@ pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow
         let binds = binding.as_deref() == Some(s.name.as_str());
         let verdict = match c.verdict {
             None => "fits".to_string(),
-            Some(r) => format!("would deny: {}", reason_str(r)),
+            Some(r) => format!("would deny: {}", r.as_str()),
         };
         println!(
             "  {} {:<24} {:<9} {:<16} used {} + reserved {} + this {} of {}  → {}{}",
@@ -965,7 +957,7 @@ pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow
                 println!(
                     "           shadow budget {:?} would deny ({})",
                     d.status.name,
-                    reason_str(d.reason)
+                    d.reason.as_str()
                 );
             }
         }
@@ -975,7 +967,7 @@ pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow
         Admission::Denied { denial, .. } => println!(
             "decision   DENY — budget {:?}: {} ({} status)",
             denial.status.name,
-            reason_str(denial.reason),
+            denial.reason.as_str(),
             if denial.reason == DenyReason::ModelNotPriced {
                 403
             } else {

@@ -312,11 +312,7 @@ impl StreamState {
     }
 
     fn record_deny(&self, d: &crate::policy::Denial, prefix: &str) {
-        let reason = match d.reason {
-            crate::policy::DenyReason::Exhausted => "exhausted",
-            crate::policy::DenyReason::NeverFits => "never_fits",
-            crate::policy::DenyReason::ModelNotPriced => "model_not_priced",
-        };
+        let reason = d.reason.as_str();
         let ledger = &self.shared.ledger;
         ledger.record_deny(DenyEvent {
             event_id: uuid::Uuid::now_v7().to_string(),

@@ -184,6 +184,17 @@ pub enum DenyReason {
     ModelNotPriced,
 }
 
+impl DenyReason {
+    /// The reason as recorded in deny events and shown by the API and CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::Exhausted => "exhausted",
+            DenyReason::NeverFits => "never_fits",
+            DenyReason::ModelNotPriced => "model_not_priced",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub status: BudgetStatus,

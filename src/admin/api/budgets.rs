@@ -590,14 +590,6 @@ pub struct CheckResult {
     overridden: Vec<String>,
 }
 
-pub fn reason_str(r: DenyReason) -> &'static str {
-    match r {
-        DenyReason::Exhausted => "exhausted",
-        DenyReason::NeverFits => "never_fits",
-        DenyReason::ModelNotPriced => "model_not_priced",
-    }
-}
-
 /// Evaluates a request against the budgets, reserving nothing: which budgets match, where each
 /// stands, which binds, and the decision.
 #[utoipa::path(post, path = "/check", tag = "budgets", request_body = CheckRequest,
@@ -649,7 +641,7 @@ pub async fn check(
         .map(|c| CheckConsidered {
             status: status_view(&c.status, &c.key.member, NEAR),
             requested: amount(c.status.unit, c.want),
-            verdict: c.verdict.map_or("fits", reason_str).into(),
+            verdict: c.verdict.map_or("fits", DenyReason::as_str).into(),
             binds: binding.as_deref() == Some(c.status.name.as_str()),
         })
         .collect();

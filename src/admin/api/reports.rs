@@ -303,7 +303,8 @@ pub struct DenyView {
     pub principal: String,
     pub model: String,
     pub budget: String,
-    /// `exhausted`, `never_fits` or `model_not_priced`.
+    /// `exhausted`, `never_fits` or `model_not_priced`; prefixed `shadow:` when a shadow budget
+    /// would have denied (the request went through).
     pub reason: String,
     pub unit: String,
     /// The budget's usage and limit when it denied, in its unit.
