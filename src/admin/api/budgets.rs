@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Page, St, actor, amount, paging, reload, rfc3339};
+use super::{Page, PageQuery, SearchQuery, St, actor, amount, paging, reload, rfc3339};
 use crate::admin::AdminState;
 use crate::admin::auth::Caller;
 use crate::admin::problem::{ApiJson, ApiQuery, Problem};
@@ -26,8 +26,9 @@ pub struct BudgetView {
     pub usage: UsageSummary,
 }
 
+/// Where a budget (or one member of it) stands in the current window, in the budget's unit.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct UsageSummary {
+pub struct Standing {
     /// `tokens` or `usd`.
     pub unit: String,
     pub used: String,
@@ -37,13 +38,19 @@ pub struct UsageSummary {
     pub remaining: String,
     /// used / limit (for bars; the exact amounts are the strings).
     pub fraction: f64,
-    /// `ok`, `near` (at or past the threshold, 80 %) or `over` (limit reached).
+    /// `ok`, `near` (at or past the threshold, 80 % unless asked otherwise) or `over` (limit reached).
     pub state: String,
-    /// Members with usage in this window (per-member budgets), else 1 or 0.
-    pub members: u64,
     /// When the current window ends (absent for lifetime budgets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resets_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageSummary {
+    #[serde(flatten)]
+    pub standing: Standing,
+    /// Members with usage in this window (per-member budgets), else 1 or 0.
+    pub members: u64,
 }
 
 /// One budget and subject (or member) now.
@@ -53,19 +60,12 @@ pub struct StatusView {
     /// The member of a per-member budget (a principal key); absent for a shared pool.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
-    pub unit: String,
     /// e.g. `day`, `rolling 7 days`, `total`.
     pub window: String,
     /// `enforce` or `shadow`.
     pub action: String,
-    pub used: String,
-    pub reserved: String,
-    pub limit: String,
-    pub remaining: String,
-    pub fraction: f64,
-    pub state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resets_at: Option<String>,
+    #[serde(flatten)]
+    pub standing: Standing,
 }
 
 const NEAR: f64 = 0.8;
@@ -84,14 +84,10 @@ fn state(f: f64, threshold: f64) -> &'static str {
     }
 }
 
-pub fn status_view(s: &BudgetStatus, member: &str, threshold: f64) -> StatusView {
+fn standing(s: &BudgetStatus, threshold: f64) -> Standing {
     let f = fraction(s);
-    StatusView {
-        budget: s.name.clone(),
-        member: (!member.is_empty()).then(|| member.to_string()),
+    Standing {
         unit: s.unit.as_str().into(),
-        window: s.window.to_string(),
-        action: s.action.as_str().into(),
         used: amount(s.unit, s.used),
         reserved: amount(s.unit, s.reserved),
         limit: amount(s.unit, s.limit),
@@ -99,6 +95,16 @@ pub fn status_view(s: &BudgetStatus, member: &str, threshold: f64) -> StatusView
         fraction: f,
         state: state(f, threshold).into(),
         resets_at: s.resets_at.map(rfc3339),
+    }
+}
+
+pub fn status_view(s: &BudgetStatus, member: &str, threshold: f64) -> StatusView {
+    StatusView {
+        budget: s.name.clone(),
+        member: (!member.is_empty()).then(|| member.to_string()),
+        window: s.window.to_string(),
+        action: s.action.as_str().into(),
+        standing: standing(s, threshold),
     }
 }
 
@@ -120,32 +126,28 @@ pub fn budget_view(b: &Budget, statuses: &[(BudgetStatus, std::sync::Arc<str>)])
     let worst = mine
         .iter()
         .max_by(|a, b| fraction(a).total_cmp(&fraction(b)));
-    let unit = b.limit.unit();
     let usage = match worst {
-        Some(s) => {
-            let v = status_view(s, "", NEAR);
-            UsageSummary {
-                unit: v.unit,
-                used: v.used,
-                reserved: v.reserved,
-                limit: v.limit,
-                remaining: v.remaining,
-                fraction: v.fraction,
-                state: v.state,
-                members: mine.len() as u64,
-                resets_at: v.resets_at,
-            }
-        }
+        Some(s) => UsageSummary {
+            standing: standing(s, NEAR),
+            members: mine.len() as u64,
+        },
+        // No usage in this window yet (nothing in memory for this budget).
         None => UsageSummary {
-            unit: unit.as_str().into(),
-            used: amount(unit, 0),
-            reserved: amount(unit, 0),
-            limit: amount(unit, b.limit.value()),
-            remaining: amount(unit, b.limit.value()),
-            fraction: 0.0,
-            state: "ok".into(),
+            standing: standing(
+                &BudgetStatus {
+                    budget: b.id.clone(),
+                    name: b.name.clone(),
+                    window: b.window,
+                    action: b.action,
+                    unit: b.limit.unit(),
+                    limit: b.limit.value(),
+                    used: 0,
+                    reserved: 0,
+                    resets_at: None,
+                },
+                NEAR,
+            ),
             members: 0,
-            resets_at: None,
         },
     };
     BudgetView {
@@ -153,18 +155,6 @@ pub fn budget_view(b: &Budget, statuses: &[(BudgetStatus, std::sync::Arc<str>)])
         spec: shown_spec(b),
         usage,
     }
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// Case-insensitive search in name, subject and models.
-    q: Option<String>,
-    #[param(minimum = 1, maximum = 1000)]
-    limit: Option<i64>,
-    #[param(minimum = 0)]
-    offset: Option<i64>,
 }
 
 fn matches(b: &Budget, q: &str) -> bool {
@@ -177,8 +167,8 @@ fn matches(b: &Budget, q: &str) -> bool {
         }
 }
 
-/// Lists budgets with their current usage, sorted by name.
-#[utoipa::path(get, path = "/budgets", tag = "budgets", params(ListQuery),
+/// Lists budgets with their current usage, sorted by name; `q` searches names, subjects and models.
+#[utoipa::path(get, path = "/budgets", tag = "budgets", params(SearchQuery),
     responses(
         (status = 200, body = Page<BudgetView>),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -187,7 +177,7 @@ fn matches(b: &Budget, q: &str) -> bool {
     ))]
 pub async fn list(
     State(s): St,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<SearchQuery>,
 ) -> Result<axum::Json<Page<BudgetView>>, Problem> {
     let (limit, offset) = paging(q.limit, q.offset)?;
     let policy = s.ledger.policy();
@@ -209,14 +199,18 @@ fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-async fn view_of(s: &AdminState, name: &str) -> Result<BudgetView, Problem> {
-    let policy = s.ledger.policy();
-    let b = policy
+/// The enforced budget named `name`, or 404.
+fn enforced<'a>(policy: &'a crate::policy::Policy, name: &str) -> Result<&'a Budget, Problem> {
+    policy
         .budgets
         .iter()
         .find(|b| b.name == name)
-        .ok_or_else(|| Problem::not_found(format!("no budget named {name:?}")))?;
-    Ok(budget_view(b, &s.ledger.statuses()))
+        .ok_or_else(|| Problem::not_found(format!("no budget named {name:?}")))
+}
+
+async fn view_of(s: &AdminState, name: &str) -> Result<BudgetView, Problem> {
+    let policy = s.ledger.policy();
+    Ok(budget_view(enforced(&policy, name)?, &s.ledger.statuses()))
 }
 
 /// Creates a budget.
@@ -406,16 +400,6 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    #[param(minimum = 1, maximum = 1000)]
-    limit: Option<i64>,
-    #[param(minimum = 0)]
-    offset: Option<i64>,
-}
-
 /// Used, limit, remaining and reset of one budget, per subject (one row for a shared pool, one
 /// per member with usage in this window for a per-member budget), closest to the limit first.
 #[utoipa::path(get, path = "/budgets/{name}/status", tag = "budgets",
@@ -434,11 +418,7 @@ pub async fn budget_status(
 ) -> Result<axum::Json<Page<StatusView>>, Problem> {
     let (limit, offset) = paging(q.limit, q.offset)?;
     let policy = s.ledger.policy();
-    let b = policy
-        .budgets
-        .iter()
-        .find(|b| b.name == name)
-        .ok_or_else(|| Problem::not_found(format!("no budget named {name:?}")))?;
+    let b = enforced(&policy, &name)?;
     let mut rows: Vec<StatusView> = s
         .ledger
         .statuses()
@@ -446,7 +426,7 @@ pub async fn budget_status(
         .filter(|(st, _)| st.budget == b.id)
         .map(|(st, m)| status_view(st, m, NEAR))
         .collect();
-    rows.sort_by(|a, b| b.fraction.total_cmp(&a.fraction));
+    rows.sort_by(|a, b| b.standing.fraction.total_cmp(&a.standing.fraction));
     Ok(axum::Json(Page::slice(rows, limit, offset)))
 }
 
@@ -527,13 +507,14 @@ pub async fn status(
         .map(|(st, m)| status_view(st, m, threshold))
         .filter(|v| match filter {
             StateFilter::All => true,
-            StateFilter::Near => v.state != "ok",
-            StateFilter::Over => v.state == "over",
+            StateFilter::Near => v.standing.state != "ok",
+            StateFilter::Over => v.standing.state == "over",
         })
         .collect();
     rows.sort_by(|a, b| {
-        b.fraction
-            .total_cmp(&a.fraction)
+        b.standing
+            .fraction
+            .total_cmp(&a.standing.fraction)
             .then_with(|| a.budget.cmp(&b.budget))
     });
     Ok(axum::Json(Page::slice(rows, limit, offset)))

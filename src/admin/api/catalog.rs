@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Page, St, actor, paging, parse_time, reload, rfc3339_ms};
+use super::{Page, SearchQuery, St, actor, paging, parse_time, reload, rfc3339_ms};
 use crate::admin::auth::Caller;
 use crate::admin::problem::{ApiJson, ApiQuery, Problem};
 use crate::policy::{NanoUsd, Price, principal_key};
@@ -214,18 +214,6 @@ fn all_groups(s: &crate::admin::AdminState, stored: Vec<(String, String)>) -> Ve
         }
     }
     groups.into_values().collect()
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct SearchQuery {
-    /// Case-insensitive search.
-    q: Option<String>,
-    #[param(minimum = 1, maximum = 1000)]
-    limit: Option<i64>,
-    #[param(minimum = 0)]
-    offset: Option<i64>,
 }
 
 /// Groups with their members and budgets, sorted by name.

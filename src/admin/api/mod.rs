@@ -93,6 +93,30 @@ pub struct Page<T> {
     pub next_offset: Option<i64>,
 }
 
+/// A page of a list, optionally searched (case-insensitive).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct SearchQuery {
+    /// Case-insensitive search.
+    pub q: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<i64>,
+    #[param(minimum = 0)]
+    pub offset: Option<i64>,
+}
+
+/// A page of a list.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<i64>,
+    #[param(minimum = 0)]
+    pub offset: Option<i64>,
+}
+
 /// Checks `limit` and `offset` query parameters.
 pub fn paging(limit: Option<i64>, offset: Option<i64>) -> Result<(i64, i64), Problem> {
     let limit = limit.unwrap_or(100);
