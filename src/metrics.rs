@@ -16,6 +16,11 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheResult {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenClass {
     model: String,
     class: &'static str,
@@ -60,6 +65,9 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Debits queued beyond the soft capacity (kept, never dropped).
     pub queue_overflow: Counter,
+    /// Decisions whose matching budgets were remembered (hit) or computed (miss).
+    match_hits: Counter,
+    match_misses: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -175,8 +183,22 @@ impl Metrics {
             "Debits queued beyond the soft capacity",
             queue_overflow.clone(),
         );
+        let match_cache = Family::<CacheResult, Counter>::default();
+        let match_hits = match_cache
+            .get_or_create(&CacheResult { result: "hit" })
+            .clone();
+        let match_misses = match_cache
+            .get_or_create(&CacheResult { result: "miss" })
+            .clone();
+        registry.register(
+            "match_cache",
+            "Decisions whose matching budgets came from the cache (hit) or a scan of every budget (miss)",
+            match_cache,
+        );
         Metrics {
             registry,
+            match_hits,
+            match_misses,
             decisions,
             decision_seconds,
             settled,
@@ -228,6 +250,15 @@ impl Metrics {
         }
         if cost_nanos > 0 {
             self.cost.get_or_create(&Model { model }).inc_by(cost_nanos);
+        }
+    }
+
+    /// One decision's match-cache lookup.
+    pub fn match_cache(&self, hit: bool) {
+        if hit {
+            self.match_hits.inc();
+        } else {
+            self.match_misses.inc();
         }
     }
 

@@ -134,7 +134,12 @@ impl Ledger {
     pub fn admit(&self, ask: &Ask<'_>) -> Admission {
         let policy = self.policy.load();
         let now = self.clock.now();
-        self.counters().admit(&policy, ask, now)
+        let mut counters = self.counters();
+        let admission = counters.admit(&policy, ask, now);
+        let hit = counters.last_match_hit();
+        drop(counters);
+        self.metrics.match_cache(hit);
+        admission
     }
 
     /// How every matching budget stands for `ask`, reserving nothing (the dry-run `check`).

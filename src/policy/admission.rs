@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
 use super::budget::{Action, BudgetId, Principal, Unit};
+use super::matching::MatchCache;
 use super::money::TokenClasses;
 use super::window::Window;
 use super::{Policy, UnpricedModel};
@@ -252,6 +253,8 @@ pub struct Evaluation {
     pub considered: Vec<Considered>,
     /// Names of budgets that matched but were set aside because an override budget applies.
     pub overridden: Vec<String>,
+    /// The matching budgets were remembered from an earlier request of the same caller.
+    pub cache_hit: bool,
 }
 
 impl Evaluation {
@@ -307,10 +310,12 @@ impl Evaluation {
     }
 }
 
-/// Every counter this process knows, current window only.
+/// Every counter this process knows, current window only, and the matches of recent callers.
 #[derive(Debug, Default)]
 pub struct Counters {
     map: HashMap<CounterKey, Counter>,
+    matches: MatchCache,
+    last_match_hit: bool,
 }
 
 impl Counters {
@@ -329,7 +334,8 @@ impl Counters {
 
     /// How every budget matching `ask` stands, without reserving anything.
     pub fn evaluate(&mut self, policy: &Policy, ask: &Ask<'_>, now: DateTime<Utc>) -> Evaluation {
-        let (matched, overridden) = policy.matching_explained(ask.principal, ask.model);
+        let (matched, cache_hit) = self.matches.get(policy, ask.principal, ask.model);
+        self.last_match_hit = cache_hit;
         let price = ask
             .model
             .and_then(|m| policy.price(m, now.timestamp_millis()));
@@ -339,11 +345,12 @@ impl Counters {
         };
         let unpriced =
             ask.model.is_some() && price.is_none() && policy.unpriced == UnpricedModel::Deny;
-        let mut considered = Vec::with_capacity(matched.len());
-        for (budget, member) in matched {
+        let mut considered = Vec::with_capacity(matched.hits.len());
+        for m in &matched.hits {
+            let budget = &policy.budgets[m.index];
             let key = CounterKey {
                 budget: budget.id.clone(),
-                member,
+                member: Arc::clone(&m.member),
             };
             let c = self.at(&key, &budget.window, now, policy.tz);
             let unit = budget.limit.unit();
@@ -393,8 +400,14 @@ impl Counters {
             estimate,
             priced: price.is_some(),
             considered,
-            overridden,
+            overridden: matched.overridden.clone(),
+            cache_hit,
         }
+    }
+
+    /// Whether the last evaluation found the caller's matching budgets in the cache.
+    pub fn last_match_hit(&self) -> bool {
+        self.last_match_hit
     }
 
     /// Decides and, when allowed, reserves — atomically with respect to other calls on `self`.

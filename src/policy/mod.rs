@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod budget;
+pub mod matching;
 pub mod models;
 pub mod money;
 pub mod prices;
@@ -78,7 +79,12 @@ pub struct Policy {
     /// (`user:alice`); added to the groups the identity source reported.
     pub members: HashMap<String, Vec<String>>,
     pub models: ModelAliases,
+    /// Unique per snapshot built by [`Policy::new`]: what cached matches are keyed by. A policy
+    /// is not changed once decisions use it.
+    generation: u64,
 }
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Policy {
     pub fn new(budgets: Vec<Budget>, prices: PriceBook, tz: Tz, unpriced: UnpricedModel) -> Self {
@@ -89,7 +95,12 @@ impl Policy {
             unpriced,
             members: HashMap::new(),
             models: ModelAliases::standard(),
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The principal's groups: from its identity, plus stored and configured membership.

@@ -144,6 +144,15 @@ async fn scraped_metrics_match_the_traffic_sent() {
     );
     assert_eq!(sample(&t, "tokenbudget_settled_unpriced_total"), 1.0);
     assert!(sample(&t, "tokenbudget_decision_seconds_count") >= 5.0);
+    // quinn's first decision scans the budgets, the next three reuse it; rae's is a scan.
+    assert_eq!(
+        sample(&t, "tokenbudget_match_cache_total{result=\"hit\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(&t, "tokenbudget_match_cache_total{result=\"miss\"}"),
+        2.0
+    );
     assert!(sample(&t, "tokenbudget_batches_total") >= 1.0);
     assert!(
         !t.contains("quinn") && !t.contains("my-own-model"),
