@@ -20,6 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::extproc::ExtProcService;
+use crate::ledger::journal::{self, Journal};
 use crate::ledger::{Ledger, writer};
 use crate::store::Store;
 
@@ -38,6 +39,8 @@ pub struct Running {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     writer: JoinHandle<()>,
     admin: JoinHandle<std::io::Result<()>>,
+    journal: Option<std::thread::JoinHandle<Journal>>,
+    health: tonic_health::server::HealthReporter,
     grace: Duration,
 }
 
@@ -86,6 +89,27 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         config.queue_capacity,
         Arc::new(crate::metrics::Metrics::new()),
     );
+    // Debits an earlier process settled but the store may not have: counted and queued again
+    // before anything else (the store ignores the ones it already has).
+    let journal = match &config.journal_dir {
+        Some(dir) => {
+            let (j, old) = Journal::open(dir).context("opening the journal")?;
+            if !old.is_empty() {
+                tracing::info!(records = old.len(), dir = %dir.display(), "replaying the journal");
+                ledger.metrics.journal_replayed.inc_by(old.len() as u64);
+            }
+            ledger.replay(old);
+            ledger.start_journaling();
+            let l = Arc::clone(&ledger);
+            Some(
+                std::thread::Builder::new()
+                    .name("tokenbudget-journal".into())
+                    .spawn(move || journal::run(l, j))
+                    .context("starting the journal thread")?,
+            )
+        }
+        None => None,
+    };
     writer::load(&ledger, &store)
         .await
         .context("loading budgets and counters")?;
@@ -174,23 +198,57 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         grpc,
         writer,
         admin,
+        journal,
+        health,
         grace: config.shutdown_grace,
     })
 }
 
 impl Running {
-    /// Graceful stop: drain streams (up to the grace period), flush debits, close ports.
+    /// Graceful stop: refuse new streams, let open ones finish (up to the grace period, then end
+    /// them as aborted), journal and flush every debit, close the ports.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.ledger.set_draining();
+        self.health
+            .set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::NotServing)
+            .await;
         let _ = self.stop_grpc.send(true);
-        match tokio::time::timeout(self.grace, self.grpc).await {
+        let mut grpc = self.grpc;
+        match tokio::time::timeout(self.grace, &mut grpc).await {
             Ok(r) => r.context("gRPC server task")?.context("gRPC server")?,
-            Err(_) => tracing::warn!(
-                open_streams = self.extproc.active_streams(),
-                "grace period over with streams still open; they are settled as aborted"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    open_streams = self.extproc.active_streams(),
+                    "grace period over with streams still open; ending them as aborted"
+                );
+                self.extproc.abort_all();
+                let ext = self.extproc.clone();
+                let settled = tokio::time::timeout(Duration::from_secs(5), async {
+                    while ext.active_streams() > 0 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await;
+                if settled.is_err() {
+                    tracing::error!(open_streams = ext.active_streams(), "streams did not end");
+                }
+                grpc.abort();
+            }
         }
+        // Everything settled is now pending or journaled: write the journal out, then the store.
+        self.ledger.stop_journaling();
+        let journal = match self.journal {
+            Some(h) => tokio::task::spawn_blocking(move || h.join())
+                .await
+                .context("journal thread")?
+                .ok(),
+            None => None,
+        };
         let _ = self.stop_writer.send(true);
         self.writer.await.context("writer task")?;
+        if let Some(mut j) = journal {
+            j.flushed(self.ledger.flushed_seq());
+        }
         let _ = self.stop_admin.send(true);
         self.admin
             .await

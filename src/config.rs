@@ -208,6 +208,10 @@ struct RawLedger {
     batch_max: usize,
     queue_capacity: usize,
     sync_interval_ms: u64,
+    refresh_interval_ms: u64,
+    journal_dir: String,
+    durable_settle: bool,
+    reservation_ttl_seconds: u64,
 }
 
 impl Default for RawLedger {
@@ -217,6 +221,10 @@ impl Default for RawLedger {
             batch_max: 1000,
             queue_capacity: 100_000,
             sync_interval_ms: 1000,
+            refresh_interval_ms: 1000,
+            journal_dir: "tokenbudget-journal".into(),
+            durable_settle: false,
+            reservation_ttl_seconds: 3600,
         }
     }
 }
@@ -256,6 +264,8 @@ pub struct Config {
     pub unpriced: UnpricedModel,
     pub writer: WriterConfig,
     pub queue_capacity: usize,
+    /// Where settled debits are journaled before the store; `None` disables the journal.
+    pub journal_dir: Option<PathBuf>,
     pub log_level: String,
     pub log_format: LogFormat,
     pub models: ModelAliases,
@@ -277,6 +287,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TOKENBUDGET_ADMIN_LISTEN", "server.admin_listen"),
     ("TOKENBUDGET_TIMEZONE", "admission.timezone"),
     ("TOKENBUDGET_LOG", "log.level"),
+    ("TOKENBUDGET_JOURNAL_DIR", "ledger.journal_dir"),
 ];
 
 impl Config {
@@ -321,6 +332,7 @@ impl Config {
                     "server.admin_listen" => raw.server.admin_listen = v,
                     "admission.timezone" => raw.admission.timezone = v,
                     "log.level" => raw.log.level = v,
+                    "ledger.journal_dir" => raw.ledger.journal_dir = v,
                     _ => {}
                 }
             }
@@ -436,15 +448,15 @@ impl Config {
         if l.batch_max == 0 {
             return Err(err("ledger.batch_max", "must be at least 1"));
         }
-        if l.flush_interval_ms == 0 || l.sync_interval_ms == 0 {
-            return Err(err(
-                if l.flush_interval_ms == 0 {
-                    "ledger.flush_interval_ms"
-                } else {
-                    "ledger.sync_interval_ms"
-                },
-                "must be at least 1",
-            ));
+        for (key, v) in [
+            ("ledger.flush_interval_ms", l.flush_interval_ms),
+            ("ledger.sync_interval_ms", l.sync_interval_ms),
+            ("ledger.refresh_interval_ms", l.refresh_interval_ms),
+            ("ledger.reservation_ttl_seconds", l.reservation_ttl_seconds),
+        ] {
+            if v == 0 {
+                return Err(err(key, "must be at least 1"));
+            }
         }
         let log_format = match raw.log.format.as_str() {
             "text" => LogFormat::Text,
@@ -552,6 +564,8 @@ impl Config {
                     max_event: raw.metering.max_event_bytes,
                     json_tail: raw.metering.json_tail_bytes,
                 },
+                reservation_ttl: Duration::from_secs(l.reservation_ttl_seconds),
+                durable_settle: l.durable_settle,
             },
             timezone,
             unpriced,
@@ -559,9 +573,12 @@ impl Config {
                 flush_interval: Duration::from_millis(l.flush_interval_ms),
                 batch_max: l.batch_max,
                 sync_interval: Duration::from_millis(l.sync_interval_ms),
+                refresh_interval: Duration::from_millis(l.refresh_interval_ms),
                 drain_deadline: Duration::from_secs(raw.server.shutdown_grace_seconds.max(1)),
             },
             queue_capacity: l.queue_capacity,
+            journal_dir: (!l.journal_dir.trim().is_empty())
+                .then(|| PathBuf::from(l.journal_dir.trim())),
             log_level: raw.log.level,
             log_format,
         })

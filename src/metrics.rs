@@ -65,6 +65,14 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Debits queued beyond the soft capacity (kept, never dropped).
     pub queue_overflow: Counter,
+    /// Reservations given back because their stream outlived `ledger.reservation_ttl_seconds`.
+    pub reservations_expired: Counter,
+    /// Journal writes that failed (records kept in memory), time per group write + sync, bytes on
+    /// disk, and records replayed at start.
+    pub journal_errors: Counter,
+    pub journal_sync_seconds: Histogram,
+    pub journal_bytes: Gauge,
+    pub journal_replayed: Counter,
     /// Decisions whose matching budgets were remembered (hit) or computed (miss).
     match_hits: Counter,
     match_misses: Counter,
@@ -183,6 +191,36 @@ impl Metrics {
             "Debits queued beyond the soft capacity",
             queue_overflow.clone(),
         );
+        let reservations_expired = Counter::default();
+        registry.register(
+            "reservations_expired",
+            "Reservations given back because their stream stayed open past the reservation TTL",
+            reservations_expired.clone(),
+        );
+        let journal_errors = Counter::default();
+        registry.register(
+            "journal_errors",
+            "Journal writes that failed (the records are kept in memory and still written to the store)",
+            journal_errors.clone(),
+        );
+        let journal_sync_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 16));
+        registry.register(
+            "journal_sync_seconds",
+            "Time to append and sync one group of records to the journal",
+            journal_sync_seconds.clone(),
+        );
+        let journal_bytes = Gauge::default();
+        registry.register(
+            "journal_bytes",
+            "Bytes in the journal's segments",
+            journal_bytes.clone(),
+        );
+        let journal_replayed = Counter::default();
+        registry.register(
+            "journal_replayed",
+            "Records an earlier process left in the journal, replayed at start",
+            journal_replayed.clone(),
+        );
         let match_cache = Family::<CacheResult, Counter>::default();
         let match_hits = match_cache
             .get_or_create(&CacheResult { result: "hit" })
@@ -199,6 +237,11 @@ impl Metrics {
             registry,
             match_hits,
             match_misses,
+            reservations_expired,
+            journal_errors,
+            journal_sync_seconds,
+            journal_bytes,
+            journal_replayed,
             decisions,
             decision_seconds,
             settled,

@@ -102,15 +102,17 @@ async fn healthz() -> &'static str {
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let loaded = s.ledger.is_ready();
     let store_ok = s.ledger.store_ok();
-    let code = if loaded {
+    let draining = s.ledger.is_draining();
+    let code = if loaded && !draining {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let status = match (loaded, store_ok) {
-        (false, _) => "loading",
-        (true, true) => "ready",
-        (true, false) => "degraded",
+    let status = match (draining, loaded, store_ok) {
+        (true, _, _) => "draining",
+        (false, false, _) => "loading",
+        (false, true, true) => "ready",
+        (false, true, false) => "degraded",
     };
     (
         code,

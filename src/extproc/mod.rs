@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
 use ep::external_processor_server::ExternalProcessor;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -41,6 +41,11 @@ pub struct ExtProcConfig {
     /// Buffer the request body even when the model is known (for prompt estimates).
     pub always_read_body: bool,
     pub meter: MeterLimits,
+    /// A stream still open this long after admission gives its reservation back (its usage is
+    /// still charged when it ends): a stuck stream must not hold budget forever.
+    pub reservation_ttl: std::time::Duration,
+    /// Hold the reply to a response's last chunk until its debit is on disk in the journal.
+    pub durable_settle: bool,
 }
 
 impl Default for ExtProcConfig {
@@ -52,6 +57,8 @@ impl Default for ExtProcConfig {
             inject_include_usage: true,
             always_read_body: false,
             meter: MeterLimits::default(),
+            reservation_ttl: std::time::Duration::from_secs(3600),
+            durable_settle: false,
         }
     }
 }
@@ -64,17 +71,28 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct ExtProcService {
     shared: Arc<Shared>,
+    /// Turned true when shutdown's grace period is over: open streams stop and settle as aborted.
+    abort: watch::Receiver<bool>,
+    abort_tx: Arc<watch::Sender<bool>>,
 }
 
 impl ExtProcService {
     pub fn new(config: ExtProcConfig, ledger: Arc<Ledger>) -> Self {
+        let (abort_tx, abort) = watch::channel(false);
         ExtProcService {
             shared: Arc::new(Shared { config, ledger }),
+            abort,
+            abort_tx: Arc::new(abort_tx),
         }
     }
 
     pub fn active_streams(&self) -> i64 {
         self.shared.ledger.metrics.active_streams.get()
+    }
+
+    /// Ends every open stream now; each settles as aborted (with its estimate).
+    pub fn abort_all(&self) {
+        self.abort_tx.send_replace(true);
     }
 }
 
@@ -106,7 +124,13 @@ impl ExternalProcessor for ExtProcService {
         // Replies are sent in order and Envoy pipelines body chunks: a few slots suffice.
         let (tx, rx) = mpsc::channel(8);
         let state = StreamState::new(Arc::clone(&self.shared), hints);
-        tokio::spawn(run_stream(Arc::clone(&self.shared), state, inbound, tx));
+        tokio::spawn(run_stream(
+            Arc::clone(&self.shared),
+            state,
+            inbound,
+            tx,
+            self.abort.clone(),
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -116,15 +140,38 @@ async fn run_stream(
     mut state: StreamState,
     mut inbound: Streaming<ep::ProcessingRequest>,
     tx: mpsc::Sender<Result<ep::ProcessingResponse, Status>>,
+    mut abort: watch::Receiver<bool>,
 ) {
     shared.ledger.metrics.active_streams.inc();
+    let ttl = tokio::time::sleep(shared.config.reservation_ttl);
+    tokio::pin!(ttl);
+    let mut ttl_armed = true;
+    let durable = shared.config.durable_settle;
     let end = loop {
-        match inbound.message().await {
+        let msg = tokio::select! {
+            biased;
+            m = inbound.message() => m,
+            _ = abort.wait_for(|a| *a) => break End::Aborted,
+            _ = &mut ttl, if ttl_armed => {
+                ttl_armed = false;
+                state.expire_reservation();
+                continue;
+            }
+        };
+        match msg {
             Ok(Some(msg)) => {
                 let observe = msg.observability_mode;
                 let sent = match state.on_message(msg) {
                     Step::NoReply => true,
                     Step::Reply(r) => observe || tx.send(Ok(r)).await.is_ok(),
+                    // The last chunk, when its debit must be on disk before the client sees the end.
+                    Step::ReplyThenMeter(r, body, true) if durable => {
+                        state.meter_chunk(&body, true);
+                        if let Some(seq) = state.settled_seq() {
+                            shared.ledger.wait_durable(seq).await;
+                        }
+                        observe || tx.send(Ok(r)).await.is_ok()
+                    }
                     Step::ReplyThenMeter(r, body, eos) => {
                         let ok = observe || tx.send(Ok(r)).await.is_ok();
                         state.meter_chunk(&body, eos);

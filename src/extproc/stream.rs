@@ -79,6 +79,8 @@ pub struct StreamState {
     response_ended: bool,
     /// We added `include_usage` the client did not ask for: withhold the usage-only event.
     strip_usage_event: bool,
+    /// The settled debit's sequence number in the ledger, once settled.
+    settled_seq: Option<u64>,
 }
 
 fn header_value<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
@@ -110,6 +112,26 @@ impl StreamState {
             meter: None,
             response_ended: false,
             strip_usage_event: false,
+            settled_seq: None,
+        }
+    }
+
+    /// The ledger sequence number of this request's debit, once settled.
+    pub fn settled_seq(&self) -> Option<u64> {
+        self.settled_seq
+    }
+
+    /// The reservation outlived `reservation_ttl`: give the budget back now. The stream goes on
+    /// and is still charged its usage when it ends.
+    pub fn expire_reservation(&mut self) {
+        if matches!(self.phase, Phase::Admitted | Phase::Metering) {
+            let ledger = &self.shared.ledger;
+            ledger.release(&self.reservation);
+            for held in &mut self.reservation.entries {
+                held.amount = crate::policy::Amount::default();
+            }
+            ledger.metrics.reservations_expired.inc();
+            tracing::warn!(request_id = %self.request_id, "reservation expired on a stream still open");
         }
     }
 
@@ -433,7 +455,7 @@ impl StreamState {
             .as_ref()
             .map(Principal::key)
             .unwrap_or_default();
-        self.shared.ledger.settle(crate::ledger::Settlement {
+        self.settled_seq = Some(self.shared.ledger.settle(crate::ledger::Settlement {
             reservation: std::mem::take(&mut self.reservation),
             request_id: std::mem::take(&mut self.request_id),
             principal,
@@ -443,7 +465,7 @@ impl StreamState {
             reasoning,
             estimated,
             outcome,
-        });
+        }));
     }
 }
 
@@ -650,7 +672,7 @@ mod tests {
         assert!(matches!(r.response, Some(Out::ResponseTrailers(_))));
         s.finish(End::Closed);
 
-        let batch = sh.ledger.take_batch(10);
+        let batch = sh.ledger.take_batch(10).batch;
         assert_eq!(batch.debits.len(), 1, "settled exactly once");
         let e = &batch.debits[0].event;
         assert_eq!(
@@ -726,7 +748,7 @@ mod tests {
         s.finish(End::Aborted);
         s.finish(End::Aborted);
         s.finish(End::Closed);
-        let batch = sh.ledger.take_batch(10);
+        let batch = sh.ledger.take_batch(10).batch;
         assert_eq!(batch.debits.len(), 1);
         let e = &batch.debits[0].event;
         assert!(e.estimated);
@@ -770,7 +792,7 @@ mod tests {
         ))));
         s.finish(End::Closed);
         assert_eq!(sh.ledger.peek(&key, &day).1.tokens, 0);
-        assert!(sh.ledger.take_batch(10).debits.is_empty());
+        assert!(sh.ledger.take_batch(10).batch.debits.is_empty());
     }
 
     #[test]
@@ -801,7 +823,7 @@ mod tests {
             Step::NoReply
         ));
         s.finish(End::Aborted);
-        assert!(sh.ledger.take_batch(10).is_empty());
+        assert!(sh.ledger.take_batch(10).batch.is_empty());
     }
 
     #[test]
@@ -838,7 +860,7 @@ mod tests {
             429,
             "default 1024 output tokens never fit 50"
         );
-        let batch = sh.ledger.take_batch(10);
+        let batch = sh.ledger.take_batch(10).batch;
         assert_eq!(batch.denies.len(), 1);
         assert_eq!(batch.denies[0].reason, "never_fits");
     }

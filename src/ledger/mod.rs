@@ -10,14 +10,18 @@
 //! (when the store lags it grows past its soft capacity and `overflowed` counts it).
 //! **Boundary:** the hot path calls `admit`/`settle`/`release`/`record_deny`, which never await.
 
+pub mod journal;
 pub mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+
+use journal::Record;
 
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;
@@ -51,9 +55,45 @@ pub struct Settlement {
     pub outcome: &'static str,
 }
 
+/// Settled records on their way to the store, in sequence order. A record is `pending` until the
+/// journal has it on disk (or at once without a journal), then `ready` for the store writer.
 #[derive(Default)]
 struct Inbox {
-    batch: Batch,
+    pending: Vec<(u64, Record)>,
+    debits: VecDeque<(u64, Debit)>,
+    denies: VecDeque<(u64, DenyEvent)>,
+    next_seq: u64,
+}
+
+impl Inbox {
+    fn ready_len(&self) -> usize {
+        self.debits.len() + self.denies.len()
+    }
+
+    fn push_ready(&mut self, seq: u64, r: Record) {
+        match r {
+            Record::Debit(d) => self.debits.push_back((seq, d)),
+            Record::Deny(d) => self.denies.push_back((seq, d)),
+        }
+    }
+}
+
+/// A batch taken for one store transaction, with the sequence numbers of its records.
+#[derive(Debug, Default)]
+pub struct Taken {
+    pub batch: Batch,
+    debit_seqs: Vec<u64>,
+    deny_seqs: Vec<u64>,
+}
+
+impl Taken {
+    /// The highest sequence number in the batch (the journal may forget everything up to it
+    /// once the batch is written).
+    fn last_seq(&self) -> u64 {
+        let d = self.debit_seqs.last().copied().unwrap_or(0);
+        let n = self.deny_seqs.last().copied().unwrap_or(0);
+        d.max(n)
+    }
 }
 
 pub struct Ledger {
@@ -62,11 +102,22 @@ pub struct Ledger {
     settings: PolicySettings,
     counters: Mutex<Counters>,
     inbox: Mutex<Inbox>,
+    /// Wakes the journal thread when records become pending.
+    journal_wake: Condvar,
+    journaling: AtomicBool,
+    journal_stop: AtomicBool,
+    /// Highest sequence number on disk (every record at or below it is durable).
+    durable: watch::Sender<u64>,
+    /// Highest sequence number the store confirmed (a prefix: batches are written in order).
+    flushed_seq: AtomicU64,
     wake: Notify,
+    /// Another replica (or this one) changed the policy in the store.
+    policy_changed: Notify,
     clock: SharedClock,
     capacity: usize,
     ready: AtomicBool,
     store_ok: AtomicBool,
+    draining: AtomicBool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -87,12 +138,22 @@ impl Ledger {
             policy_version: AtomicU64::new(0),
             settings,
             counters: Mutex::new(Counters::default()),
-            inbox: Mutex::new(Inbox::default()),
+            inbox: Mutex::new(Inbox {
+                next_seq: 1,
+                ..Inbox::default()
+            }),
+            journal_wake: Condvar::new(),
+            journaling: AtomicBool::new(false),
+            journal_stop: AtomicBool::new(false),
+            durable: watch::Sender::new(0),
+            flushed_seq: AtomicU64::new(0),
             wake: Notify::new(),
+            policy_changed: Notify::new(),
             clock,
             capacity,
             ready: AtomicBool::new(false),
             store_ok: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             metrics,
         })
     }
@@ -113,6 +174,15 @@ impl Ledger {
     /// True once policy and counters were loaded from the store at least once.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// True once shutdown began: no new streams are taken.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// False while the last store operation failed.
@@ -157,7 +227,8 @@ impl Ledger {
     }
 
     /// Releases the reservation, charges the actual usage and queues the debit. Never awaits.
-    pub fn settle(&self, s: Settlement) {
+    /// Returns the debit's sequence number (see [`Ledger::wait_durable`]).
+    pub fn settle(&self, s: Settlement) -> u64 {
         let now = self.clock.now();
         let policy = self.policy.load();
         let price = policy.price(&s.model, now.timestamp_millis());
@@ -203,7 +274,7 @@ impl Ledger {
             cost.0,
             s.estimated,
         );
-        self.enqueue(|b| b.debits.push(Debit { event, deltas }));
+        self.enqueue(Record::Debit(Debit { event, deltas }))
     }
 
     /// Releases a reservation without charging (the upstream answered with an error).
@@ -214,52 +285,169 @@ impl Ledger {
     }
 
     pub fn record_deny(&self, deny: DenyEvent) {
-        self.enqueue(|b| b.denies.push(deny));
+        self.enqueue(Record::Deny(deny));
     }
 
-    fn enqueue(&self, add: impl FnOnce(&mut Batch)) {
+    fn enqueue(&self, r: Record) -> u64 {
         let mut inbox = self.inbox();
-        add(&mut inbox.batch);
-        if inbox.batch.len() > self.capacity {
+        let seq = inbox.next_seq;
+        inbox.next_seq += 1;
+        let journaling = self.journaling.load(Ordering::Acquire);
+        if journaling {
+            inbox.pending.push((seq, r));
+        } else {
+            inbox.push_ready(seq, r);
+        }
+        if inbox.pending.len() + inbox.ready_len() > self.capacity {
             self.metrics.queue_overflow.inc();
         }
         drop(inbox);
+        if journaling {
+            self.journal_wake.notify_one();
+        } else {
+            self.durable.send_replace(seq);
+            self.wake.notify_one();
+        }
+        seq
+    }
+
+    /// Waits until the record `seq` is on disk (at once without a journal).
+    pub async fn wait_durable(&self, seq: u64) {
+        let mut rx = self.durable.subscribe();
+        let _ = rx.wait_for(|d| *d >= seq).await;
+    }
+
+    /// Debits and denies waiting to be written (journaled or not yet).
+    pub fn queue_depth(&self) -> usize {
+        let inbox = self.inbox();
+        inbox.pending.len() + inbox.ready_len()
+    }
+
+    /// From now on, settled records go to the journal thread before the store writer.
+    pub(crate) fn start_journaling(&self) {
+        self.journaling.store(true, Ordering::Release);
+    }
+
+    /// Records settled from now on skip the journal; the journal thread writes what is pending
+    /// and stops (the last step of shutdown before the final flush).
+    pub(crate) fn stop_journaling(&self) {
+        let inbox = self.inbox();
+        self.journaling.store(false, Ordering::Release);
+        self.journal_stop.store(true, Ordering::Release);
+        drop(inbox);
+        self.journal_wake.notify_all();
+    }
+
+    /// The journal thread's wait: every pending record, once there is any, or `None` after
+    /// `timeout` (the thread then looks at what the store flushed) or when stopping with nothing
+    /// left.
+    pub(crate) fn take_pending(&self, timeout: Duration) -> Option<Vec<(u64, Record)>> {
+        let inbox = self.inbox();
+        let (mut inbox, _) = self
+            .journal_wake
+            .wait_timeout_while(inbox, timeout, |i| {
+                i.pending.is_empty() && !self.journal_stop.load(Ordering::Acquire)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        if inbox.pending.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut inbox.pending))
+    }
+
+    pub(crate) fn journal_stopping(&self) -> bool {
+        self.journal_stop.load(Ordering::Acquire)
+    }
+
+    /// Records the journal wrote (or failed to write: they are still kept in memory) move on to
+    /// the store writer.
+    pub(crate) fn journaled(&self, records: Vec<(u64, Record)>) {
+        let Some(last) = records.last().map(|(s, _)| *s) else {
+            return;
+        };
+        let mut inbox = self.inbox();
+        for (seq, r) in records {
+            inbox.push_ready(seq, r);
+        }
+        drop(inbox);
+        self.durable.send_replace(last);
         self.wake.notify_one();
     }
 
-    /// Debits and denies waiting to be written.
-    pub fn queue_depth(&self) -> usize {
-        self.inbox().batch.len()
+    /// Records an earlier process left in the journal: queued for the store again, and counted
+    /// in memory until written (a record the store already has is then ignored by its id).
+    pub(crate) fn replay(&self, records: Vec<(u64, Record)>) {
+        let Some(last) = records.last().map(|(s, _)| *s) else {
+            return;
+        };
+        let mut counters = self.counters();
+        let mut inbox = self.inbox();
+        for (seq, r) in records {
+            if let Record::Debit(d) = &r {
+                counters.add_unflushed(&d.deltas);
+            }
+            inbox.push_ready(seq, r);
+        }
+        inbox.next_seq = inbox.next_seq.max(last + 1);
+        drop(inbox);
+        drop(counters);
+        self.durable.send_replace(last);
+        self.wake.notify_one();
     }
 
-    /// Takes up to `max` waiting records for one batch.
-    pub(crate) fn take_batch(&self, max: usize) -> Batch {
+    /// The highest sequence number the store has confirmed.
+    pub(crate) fn flushed_seq(&self) -> u64 {
+        self.flushed_seq.load(Ordering::Acquire)
+    }
+
+    /// Takes up to `max` ready records, oldest first, for one batch.
+    pub(crate) fn take_batch(&self, max: usize) -> Taken {
         let mut inbox = self.inbox();
-        let b = &mut inbox.batch;
-        if b.len() <= max {
-            return std::mem::take(b);
+        let mut t = Taken::default();
+        while t.batch.len() < max {
+            let next_debit = inbox.debits.front().map(|(s, _)| *s);
+            let next_deny = inbox.denies.front().map(|(s, _)| *s);
+            let debit_first = match (next_debit, next_deny) {
+                (None, None) => break,
+                (Some(d), Some(n)) => d < n,
+                (d, _) => d.is_some(),
+            };
+            match debit_first {
+                true => {
+                    if let Some((seq, d)) = inbox.debits.pop_front() {
+                        t.debit_seqs.push(seq);
+                        t.batch.debits.push(d);
+                    }
+                }
+                false => {
+                    if let Some((seq, d)) = inbox.denies.pop_front() {
+                        t.deny_seqs.push(seq);
+                        t.batch.denies.push(d);
+                    }
+                }
+            }
         }
-        let debits = b.debits.len().min(max);
-        let denies = (max - debits).min(b.denies.len());
-        Batch {
-            debits: b.debits.drain(..debits).collect(),
-            denies: b.denies.drain(..denies).collect(),
-        }
+        t
     }
 
     /// Puts a batch that failed to write back in front of the queue, in order.
-    pub(crate) fn requeue(&self, mut batch: Batch) {
+    pub(crate) fn requeue(&self, t: Taken) {
         let mut inbox = self.inbox();
-        batch.debits.append(&mut inbox.batch.debits);
-        batch.denies.append(&mut inbox.batch.denies);
-        inbox.batch = batch;
+        for (seq, d) in t.debit_seqs.into_iter().zip(t.batch.debits).rev() {
+            inbox.debits.push_front((seq, d));
+        }
+        for (seq, d) in t.deny_seqs.into_iter().zip(t.batch.denies).rev() {
+            inbox.denies.push_front((seq, d));
+        }
     }
 
-    pub(crate) fn mark_flushed(&self, batch: &Batch) {
+    pub(crate) fn mark_flushed(&self, t: &Taken) {
         let mut c = self.counters();
-        for d in &batch.debits {
+        for d in &t.batch.debits {
             c.mark_flushed(&d.deltas);
         }
+        drop(c);
+        self.flushed_seq.fetch_max(t.last_seq(), Ordering::AcqRel);
     }
 
     /// Installs a new policy from store rows.
@@ -329,6 +517,15 @@ impl Ledger {
 
     pub(crate) fn set_store_ok(&self, ok: bool) {
         self.store_ok.store(ok, Ordering::Release);
+    }
+
+    /// The store says the policy changed (a notification): the writer reloads it now.
+    pub fn notify_policy_changed(&self) {
+        self.policy_changed.notify_one();
+    }
+
+    pub(crate) async fn policy_changed(&self) {
+        self.policy_changed.notified().await;
     }
 
     pub(crate) async fn wait_for_work(&self) {

@@ -15,8 +15,11 @@ pub struct WriterConfig {
     /// sleep): bounds the delay from end of stream to debit visible in the store.
     pub flush_interval: Duration,
     pub batch_max: usize,
-    /// How often the policy version is checked and counters are re-read from the store.
+    /// How often the policy version is checked (changes also arrive at once by LISTEN/NOTIFY
+    /// on Postgres; this poll is the fallback).
     pub sync_interval: Duration,
+    /// How often used amounts are re-read from the store (what other replicas spent).
+    pub refresh_interval: Duration,
     /// How long shutdown keeps retrying a failing store before giving up on the flush.
     pub drain_deadline: Duration,
 }
@@ -46,7 +49,8 @@ async fn sync_counters(ledger: &Ledger, store: &Store) -> Result<(), StoreError>
     Ok(())
 }
 
-async fn sync(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
+/// Reloads the policy if its version moved (or was never loaded).
+async fn sync_policy(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
     let version = store.policy_version().await?;
     if u64::try_from(version).unwrap_or(0) != ledger.loaded_version() || !ledger.is_ready() {
         let rows = store.load_policy().await?;
@@ -57,29 +61,37 @@ async fn sync(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
         );
         ledger.install_policy(rows);
     }
-    sync_counters(ledger, store).await?;
+    Ok(())
+}
+
+async fn sync(ledger: &Ledger, store: &Store, counters: bool) -> Result<(), StoreError> {
+    sync_policy(ledger, store).await?;
+    if counters || !ledger.is_ready() {
+        sync_counters(ledger, store).await?;
+    }
     ledger.set_ready();
     Ok(())
 }
 
 /// Writes one batch if any is waiting. Returns how many records were written.
 async fn flush_once(ledger: &Ledger, store: &Store, max: usize) -> Result<usize, StoreError> {
-    let batch = ledger.take_batch(max);
-    if batch.is_empty() {
+    let taken = ledger.take_batch(max);
+    if taken.batch.is_empty() {
         return Ok(0);
     }
-    match store.write_batch(&batch).await {
+    match store.write_batch(&taken.batch).await {
         Ok(outcome) => {
-            ledger.mark_flushed(&batch);
+            ledger.mark_flushed(&taken);
             let m = &ledger.metrics;
+            let n = taken.batch.len();
             m.events_written.inc_by(outcome.inserted as u64);
             m.duplicates.inc_by(outcome.duplicates as u64);
             m.batches.inc();
-            m.batch_size.observe(batch.len() as f64);
-            Ok(batch.len())
+            m.batch_size.observe(n as f64);
+            Ok(n)
         }
         Err(e) => {
-            ledger.requeue(batch);
+            ledger.requeue(taken);
             Err(e)
         }
     }
@@ -94,6 +106,8 @@ pub async fn run(
 ) {
     let mut sync_tick = tokio::time::interval(cfg.sync_interval);
     sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh_tick = tokio::time::interval(cfg.refresh_interval);
+    refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(50);
     loop {
         if *shutdown.borrow() {
@@ -110,16 +124,9 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep(cfg.flush_interval) => {}
-            _ = sync_tick.tick() => {
-                match sync(&ledger, &store).await {
-                    Ok(()) => ledger.set_store_ok(true),
-                    Err(e) => {
-                        ledger.set_store_ok(false);
-                        ledger.metrics.store_errors.inc();
-                        tracing::warn!(error = %e, "store sync failed; admitting from memory");
-                    }
-                }
-            }
+            _ = sync_tick.tick() => report(&ledger, sync(&ledger, &store, false).await),
+            _ = refresh_tick.tick() => report(&ledger, sync(&ledger, &store, true).await),
+            _ = ledger.policy_changed() => report(&ledger, sync(&ledger, &store, false).await),
             _ = shutdown.changed() => {}
         }
         loop {
@@ -144,6 +151,17 @@ pub async fn run(
         }
     }
     drain(&ledger, &store, cfg).await;
+}
+
+fn report(ledger: &Ledger, r: Result<(), StoreError>) {
+    match r {
+        Ok(()) => ledger.set_store_ok(true),
+        Err(e) => {
+            ledger.set_store_ok(false);
+            ledger.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "store sync failed; admitting from memory");
+        }
+    }
 }
 
 async fn drain(ledger: &Ledger, store: &Store, cfg: WriterConfig) {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
 
 use super::budget::{Action, BudgetId, Principal, Unit};
 use super::matching::MatchCache;
@@ -21,7 +22,7 @@ use super::window::Window;
 use super::{Policy, UnpricedModel};
 
 /// An amount in both units at once, so a budget can change unit without losing its history.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Amount {
     pub tokens: u64,
     pub nanos: u64,
@@ -47,14 +48,14 @@ impl Amount {
 }
 
 /// One counter: a budget, and for per-member budgets the member (empty for a shared pool).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CounterKey {
     pub budget: BudgetId,
     pub member: Arc<str>,
 }
 
 /// An increment of one counter in one window, to be written to the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterDelta {
     pub key: CounterKey,
     pub bucket: i64,
@@ -475,6 +476,20 @@ impl Counters {
             if let Some(c) = self.map.get_mut(&held.key) {
                 c.reserved.sub(held.amount);
             }
+        }
+    }
+
+    /// Debits settled by an earlier process and not yet confirmed in the store (replayed from its
+    /// journal): counted as used, and as unflushed until written.
+    pub fn add_unflushed(&mut self, deltas: &[CounterDelta]) {
+        for d in deltas {
+            let b = self
+                .map
+                .entry(d.key.clone())
+                .or_default()
+                .bucket_mut(d.bucket);
+            b.used.add(d.amount);
+            b.unflushed.add(d.amount);
         }
     }
 

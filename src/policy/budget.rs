@@ -9,7 +9,8 @@ use super::money::{NanoUsd, Tokens};
 use super::window::{Window, WindowError};
 
 /// A budget's stable identifier (generated; the name can be changed).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct BudgetId(pub Arc<str>);
 
 impl fmt::Display for BudgetId {

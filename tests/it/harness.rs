@@ -219,6 +219,7 @@ pub struct Stack {
     grpc_addr: SocketAddr,
     clock: SharedClock,
     _guard: StoreGuard,
+    _journal: tempfile::TempDir,
 }
 
 pub fn init_tracing() {
@@ -259,11 +260,13 @@ impl Stack {
                 )
             }
         };
+        let journal = tempfile::tempdir().unwrap();
         let config = format!(
             "[server]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_seconds = 10\n\
              [store]\n{store_toml}\n\
-             [ledger]\nflush_interval_ms = 20\nsync_interval_ms = 100\n\
+             [ledger]\nflush_interval_ms = 20\nsync_interval_ms = 100\nrefresh_interval_ms = 100\njournal_dir = \"{}\"\n\
              {extra}\n{}",
+            journal.path().display(),
             admin_tokens_toml()
         );
         let sidecar = start_sidecar(&config, &clock).await;
@@ -284,6 +287,7 @@ impl Stack {
             grpc_addr,
             clock,
             _guard: guard,
+            _journal: journal,
         }
     }
 
