@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::extproc::ExtProcService;
 use crate::ledger::journal::{self, Journal};
 use crate::ledger::{Ledger, writer};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// gRPC health service name Envoy's health checks ask for.
 pub const HEALTH_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -40,10 +40,13 @@ pub struct Running {
     writer: JoinHandle<()>,
     admin: JoinHandle<std::io::Result<()>>,
     journal: Option<std::thread::JoinHandle<Journal>>,
+    listener: Option<JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
     grace: Duration,
 }
 
+/// Opens the store and, when configured, migrates it (the CLI's path: a store that cannot be
+/// reached is an error here).
 pub async fn open_store(config: &Config, clock: &SharedClock) -> anyhow::Result<Store> {
     let store = Store::open(&config.store)
         .await
@@ -57,32 +60,13 @@ pub async fn open_store(config: &Config, clock: &SharedClock) -> anyhow::Result<
     Ok(store)
 }
 
-/// Applies the budgets declared in the config file, by name: idempotent, so every replica and
-/// every restart may do it.
-pub async fn apply_config_budgets(
-    config: &Config,
-    store: &Store,
-    clock: &SharedClock,
-) -> anyhow::Result<()> {
-    for b in &config.budgets {
-        let outcome = store
-            .upsert_budget(
-                b,
-                &crate::store::Actor {
-                    name: "config".into(),
-                    ts_ms: clock.now().timestamp_millis(),
-                },
-            )
-            .await
-            .with_context(|| format!("applying budget {:?} from the config file", b.name))?;
-        tracing::info!(budget = %b.name, ?outcome, "config budget applied");
-    }
-    Ok(())
-}
+/// How long `serve` waits for the store at start before it serves from its snapshot.
+const STORE_STARTUP_WAIT: Duration = Duration::from_secs(10);
 
 pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running> {
-    let store = open_store(&config, &clock).await?;
-    apply_config_budgets(&config, &store, &clock).await?;
+    let store = Store::open(&config.store)
+        .await
+        .context("opening the store")?;
     let ledger = Ledger::new(
         config.policy_settings(),
         Arc::clone(&clock),
@@ -110,9 +94,34 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         }
         None => None,
     };
-    writer::load(&ledger, &store)
-        .await
-        .context("loading budgets and counters")?;
+    let startup = writer::Startup {
+        migrate: config.migrate_on_start,
+        budgets: config.budgets.clone(),
+        snapshot: config.journal_dir.as_ref().map(|d| d.join("state.json")),
+    };
+    let prepared = match tokio::time::timeout(
+        STORE_STARTUP_WAIT,
+        writer::prepare(&ledger, &store, &startup),
+    )
+    .await
+    {
+        Ok(Ok(())) => true,
+        Ok(Err(StoreError::Unavailable(e))) => {
+            tracing::warn!(error = %e, "store unreachable at start");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("store did not answer at start");
+            false
+        }
+        Ok(Err(e)) => return Err(e).context("loading budgets and counters"),
+    };
+    if !prepared && !writer::restore_snapshot(&ledger, &startup) {
+        tracing::warn!(
+            no_state = ?config.extproc.no_state,
+            "no local snapshot either: no budget is known until the store answers"
+        );
+    }
 
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
@@ -128,14 +137,42 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         Arc::clone(&ledger),
         store.clone(),
         config.writer,
+        startup,
+        prepared,
         writer_rx,
     ));
 
+    let listener = {
+        let l = Arc::clone(&ledger);
+        store.listen(move || l.notify_policy_changed())
+    };
     let extproc = ExtProcService::new(config.extproc.clone(), Arc::clone(&ledger));
     let (health, health_svc) = tonic_health::server::health_reporter();
+    // Envoy's health checks steer traffic to other replicas while this one knows no budget and
+    // would refuse every request.
+    let serves = ledger.is_ready() || config.extproc.no_state == crate::extproc::NoState::Allow;
     health
-        .set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+        .set_service_status(
+            HEALTH_SERVICE,
+            if serves {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            },
+        )
         .await;
+    if !serves {
+        let (l, h) = (Arc::clone(&ledger), health.clone());
+        tokio::spawn(async move {
+            while !l.is_ready() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if !l.is_draining() {
+                h.set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+                    .await;
+            }
+        });
+    }
     let (stop_grpc, mut grpc_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -172,6 +209,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         tokens: config.admin_tokens.clone().into(),
         default_output_tokens: config.extproc.default_output_tokens,
         cors_origins: config.cors_origins.clone(),
+        serves_without_state: config.extproc.no_state == crate::extproc::NoState::Allow,
     });
     let admin = tokio::spawn(async move {
         axum::serve(
@@ -199,6 +237,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         writer,
         admin,
         journal,
+        listener,
         health,
         grace: config.shutdown_grace,
     })
@@ -248,6 +287,9 @@ impl Running {
         self.writer.await.context("writer task")?;
         if let Some(mut j) = journal {
             j.flushed(self.ledger.flushed_seq());
+        }
+        if let Some(l) = self.listener {
+            l.abort();
         }
         let _ = self.stop_admin.send(true);
         self.admin

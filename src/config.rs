@@ -168,6 +168,7 @@ struct RawAdmission {
     unpriced_model: String,
     inject_include_usage: bool,
     always_read_body: bool,
+    no_state: String,
 }
 
 impl Default for RawAdmission {
@@ -180,6 +181,7 @@ impl Default for RawAdmission {
             unpriced_model: "deny".into(),
             inject_include_usage: d.inject_include_usage,
             always_read_body: d.always_read_body,
+            no_state: "deny".into(),
         }
     }
 }
@@ -220,7 +222,7 @@ impl Default for RawLedger {
             flush_interval_ms: 100,
             batch_max: 1000,
             queue_capacity: 100_000,
-            sync_interval_ms: 1000,
+            sync_interval_ms: 500,
             refresh_interval_ms: 1000,
             journal_dir: "tokenbudget-journal".into(),
             durable_settle: false,
@@ -438,6 +440,16 @@ impl Config {
                 ));
             }
         };
+        let no_state = match a.no_state.as_str() {
+            "deny" => crate::extproc::NoState::Deny,
+            "allow" => crate::extproc::NoState::Allow,
+            other => {
+                return Err(err(
+                    "admission.no_state",
+                    format!("expected deny or allow, got {other:?}"),
+                ));
+            }
+        };
         if raw.metering.max_event_bytes < 1024 {
             return Err(err("metering.max_event_bytes", "must be at least 1024"));
         }
@@ -566,6 +578,7 @@ impl Config {
                 },
                 reservation_ttl: Duration::from_secs(l.reservation_ttl_seconds),
                 durable_settle: l.durable_settle,
+                no_state,
             },
             timezone,
             unpriced,
@@ -574,7 +587,13 @@ impl Config {
                 batch_max: l.batch_max,
                 sync_interval: Duration::from_millis(l.sync_interval_ms),
                 refresh_interval: Duration::from_millis(l.refresh_interval_ms),
-                drain_deadline: Duration::from_secs(raw.server.shutdown_grace_seconds.max(1)),
+                // With a journal, what the store cannot take at shutdown is already on disk and
+                // replayed at the next start: no need to hold the exit for long.
+                drain_deadline: if l.journal_dir.trim().is_empty() {
+                    Duration::from_secs(raw.server.shutdown_grace_seconds.max(1))
+                } else {
+                    Duration::from_secs(raw.server.shutdown_grace_seconds.clamp(1, 3))
+                },
             },
             queue_capacity: l.queue_capacity,
             journal_dir: (!l.journal_dir.trim().is_empty())

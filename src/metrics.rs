@@ -38,6 +38,8 @@ pub struct Decisions {
     pub denied: Counter,
     pub denied_unpriced: Counter,
     pub no_identity: Counter,
+    /// Refused because no budget state is known yet (`admission.no_state = "deny"`).
+    pub no_state: Counter,
     /// Allowed requests that a shadow budget would have denied.
     pub shadow_would_deny: Counter,
 }
@@ -104,6 +106,7 @@ impl Metrics {
             denied: outcome("denied"),
             denied_unpriced: outcome("denied_unpriced"),
             no_identity: outcome("no_identity"),
+            no_state: outcome("no_state"),
             shadow_would_deny: outcome("shadow_would_deny"),
         };
         registry.register(

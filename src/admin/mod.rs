@@ -29,6 +29,9 @@ pub struct AdminState {
     /// The output bound `check` assumes when the request gives none.
     pub default_output_tokens: u64,
     pub cors_origins: Vec<String>,
+    /// Requests are admitted before any budget state is known (`admission.no_state = "allow"`),
+    /// so the replica is ready to take traffic from the start.
+    pub serves_without_state: bool,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -96,14 +99,16 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready once policy and counters were loaded from the store. A store outage afterwards does not
-/// make the process unready — admission continues from memory and debits queue — so the body
-/// reports it (`store_ok`, `queued`) instead of failing the probe and taking every replica out.
+/// Ready once policy and counters were loaded (from the store, or from the local snapshot when the
+/// store is unreachable at start). A store outage afterwards does not make the process unready —
+/// admission continues from memory and debits are journaled — so the body reports it
+/// (`store_ok`, `queued`) instead of failing the probe and taking every replica out. Draining
+/// (shutdown has begun) is unready.
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let loaded = s.ledger.is_ready();
     let store_ok = s.ledger.store_ok();
     let draining = s.ledger.is_draining();
-    let code = if loaded && !draining {
+    let code = if (loaded || s.serves_without_state) && !draining {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -46,6 +46,19 @@ pub struct ExtProcConfig {
     pub reservation_ttl: std::time::Duration,
     /// Hold the reply to a response's last chunk until its debit is on disk in the journal.
     pub durable_settle: bool,
+    /// What to do with a request whose budget state is unknown (see [`NoState`]).
+    pub no_state: NoState,
+}
+
+/// A request whose budgets have no state in memory — the store has not answered since start and
+/// there was no local snapshot; in lease mode, a budget with no lease while the store is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoState {
+    /// Refuse with 503 and `retry-after: 1` (the default: no request passes unbudgeted).
+    Deny,
+    /// Let it through; its usage is metered and stored, but no budget counts it if none is
+    /// known yet (in lease mode: it is admitted against the last known global usage).
+    Allow,
 }
 
 impl Default for ExtProcConfig {
@@ -59,6 +72,7 @@ impl Default for ExtProcConfig {
             meter: MeterLimits::default(),
             reservation_ttl: std::time::Duration::from_secs(3600),
             durable_settle: false,
+            no_state: NoState::Deny,
         }
     }
 }

@@ -190,6 +190,36 @@ pub fn no_identity(family: Family) -> ep::ProcessingResponse {
     )
 }
 
+/// 503: tokenbudget knows no budget state yet (the store has not answered since start and there
+/// is no local snapshot) and `admission.no_state = "deny"`. Retrying later is right.
+pub fn no_state(family: Family) -> ep::ProcessingResponse {
+    let msg = "Budgets are not loaded yet (the budget store is unreachable); retry shortly.";
+    let openai = json!({"error": {"message": msg, "type": "server_error", "param": null, "code": "budgets_unavailable"}});
+    let mut headers = vec![header("retry-after", "1")];
+    let body = match family {
+        Family::OpenAi => openai,
+        Family::Databricks => {
+            json!({"error_code": "TEMPORARILY_UNAVAILABLE", "message": msg, "error": openai["error"]})
+        }
+        Family::Anthropic => {
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": msg}})
+        }
+        Family::Gemini => {
+            json!({"error": {"code": 503, "message": msg, "status": "UNAVAILABLE"}})
+        }
+        Family::Bedrock => {
+            headers.push(header("x-amzn-errortype", "ServiceUnavailableException"));
+            json!({"message": msg})
+        }
+    };
+    immediate(
+        StatusCode::ServiceUnavailable,
+        headers,
+        body.to_string(),
+        "tokenbudget_no_state",
+    )
+}
+
 /// 429 (budget exhausted, or a request that can never fit) or 403 (unpriced model).
 pub fn denied(
     d: &Denial,

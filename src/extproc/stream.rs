@@ -267,6 +267,11 @@ impl StreamState {
         let Some(principal) = self.principal.as_ref() else {
             return Ok(());
         };
+        if cfg.no_state == super::NoState::Deny && !self.shared.ledger.is_ready() {
+            self.phase = Phase::Done;
+            self.shared.ledger.metrics.decisions.no_state.inc();
+            return Err(Box::new(reply::no_state(self.family)));
+        }
         self.prompt_estimate = estimate_tokens(self.facts.prompt_bytes);
         let mut output = self.facts.max_output.unwrap_or(cfg.default_output_tokens);
         if let Some(cap) = cfg.max_output_reservation {
@@ -526,6 +531,7 @@ mod tests {
             prices: Vec::<PriceRow>::new(),
             members: Vec::new(),
         });
+        ledger.set_ready();
         Arc::new(Shared {
             config: ExtProcConfig::default(),
             ledger,

@@ -1,13 +1,16 @@
 //! The background task between the ledger and the store: batch writes, policy and counter sync,
 //! and the final flush at shutdown.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::Ledger;
-use crate::store::{Store, StoreError};
+use crate::policy::{Amount, Budget, CounterKey};
+use crate::store::snapshot::Snapshot;
+use crate::store::{Actor, Store, StoreError};
 
 #[derive(Debug, Clone, Copy)]
 pub struct WriterConfig {
@@ -24,14 +27,106 @@ pub struct WriterConfig {
     pub drain_deadline: Duration,
 }
 
-/// Loads policy and counters once; the ledger is ready afterwards.
-pub async fn load(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
+/// What a replica does to the store before it first loads from it, and where it keeps its
+/// local snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Startup {
+    pub migrate: bool,
+    /// Budgets declared in the config file, applied by name (idempotent).
+    pub budgets: Vec<Budget>,
+    /// The local copy of the last loaded state (`None`: no snapshot).
+    pub snapshot: Option<PathBuf>,
+}
+
+/// How often the local snapshot is rewritten.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+
+/// Migrates (if configured), applies the config file's budgets, and loads policy and counters;
+/// the ledger is ready afterwards.
+pub async fn prepare(ledger: &Ledger, store: &Store, startup: &Startup) -> Result<(), StoreError> {
+    let now_ms = ledger.clock().now().timestamp_millis();
+    if startup.migrate {
+        store.migrate(now_ms).await?;
+    }
+    for b in &startup.budgets {
+        let who = Actor {
+            name: "config".into(),
+            ts_ms: now_ms,
+        };
+        let outcome = store.upsert_budget(b, &who).await?;
+        tracing::info!(budget = %b.name, ?outcome, "config budget applied");
+    }
+    let rows = load(ledger, store).await?;
+    if let Some(path) = &startup.snapshot {
+        save_snapshot(ledger, store, path, rows).await;
+    }
+    Ok(())
+}
+
+/// Loads policy and counters once; the ledger is ready afterwards. Returns the counter rows read.
+pub async fn load(
+    ledger: &Ledger,
+    store: &Store,
+) -> Result<Vec<(CounterKey, i64, Amount)>, StoreError> {
     let rows = store.load_policy().await?;
     ledger.install_policy(rows);
-    sync_counters(ledger, store).await?;
+    let counters = sync_counters(ledger, store).await?;
     ledger.set_store_ok(true);
     ledger.set_ready();
-    Ok(())
+    Ok(counters)
+}
+
+/// The store is unreachable at start: take the state the last run saved, if there is one.
+/// Debits settled after it was taken come back from the journal.
+pub fn restore_snapshot(ledger: &Ledger, startup: &Startup) -> bool {
+    let Some(path) = &startup.snapshot else {
+        return false;
+    };
+    match Snapshot::load(path) {
+        Ok(Some(snap)) => {
+            let budgets = snap.policy.budgets.len();
+            ledger.install_policy(snap.policy);
+            let current = ledger.current_windows();
+            ledger.refresh_counters(&current, snap.counters);
+            ledger.set_ready();
+            tracing::warn!(
+                taken_ms = snap.taken_ms,
+                budgets,
+                "store unreachable: enforcing from the local snapshot"
+            );
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::error!(error = %e, "the local snapshot cannot be used");
+            false
+        }
+    }
+}
+
+async fn save_snapshot(
+    ledger: &Ledger,
+    store: &Store,
+    path: &std::path::Path,
+    counters: Vec<(CounterKey, i64, Amount)>,
+) {
+    let policy = match store.load_policy().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "snapshot skipped");
+            return;
+        }
+    };
+    let snap = Snapshot {
+        taken_ms: ledger.clock().now().timestamp_millis(),
+        policy,
+        counters,
+    };
+    let path = path.to_owned();
+    let saved = tokio::task::spawn_blocking(move || snap.save(&path)).await;
+    if !matches!(saved, Ok(Ok(()))) {
+        tracing::warn!("cannot write the local snapshot");
+    }
 }
 
 /// Reloads the policy now (after an admin change), instead of at the next sync.
@@ -41,12 +136,15 @@ pub async fn reload_policy(ledger: &Ledger, store: &Store) -> Result<(), StoreEr
     Ok(())
 }
 
-async fn sync_counters(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
+async fn sync_counters(
+    ledger: &Ledger,
+    store: &Store,
+) -> Result<Vec<(CounterKey, i64, Amount)>, StoreError> {
     let current = ledger.current_windows();
     let windows: Vec<_> = current.iter().map(|(k, v)| (k.clone(), *v)).collect();
     let rows = store.load_counters(&windows).await?;
-    ledger.refresh_counters(&current, rows);
-    Ok(())
+    ledger.refresh_counters(&current, rows.clone());
+    Ok(rows)
 }
 
 /// Reloads the policy if its version moved (or was never loaded).
@@ -64,13 +162,40 @@ async fn sync_policy(ledger: &Ledger, store: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
-async fn sync(ledger: &Ledger, store: &Store, counters: bool) -> Result<(), StoreError> {
-    sync_policy(ledger, store).await?;
-    if counters || !ledger.is_ready() {
-        sync_counters(ledger, store).await?;
+/// The writer's view of the store between its ticks.
+struct Sync<'a> {
+    ledger: &'a Ledger,
+    store: &'a Store,
+    startup: &'a Startup,
+    prepared: bool,
+    snapshot_at: Option<tokio::time::Instant>,
+}
+
+impl Sync<'_> {
+    /// Checks the policy version; with `counters`, also re-reads used amounts (and now and then
+    /// saves the snapshot). Until the replica has prepared the store once, prepares it.
+    async fn run(&mut self, counters: bool) -> Result<(), StoreError> {
+        if !self.prepared {
+            prepare(self.ledger, self.store, self.startup).await?;
+            self.prepared = true;
+            self.snapshot_at = Some(tokio::time::Instant::now());
+            tracing::info!("store reachable: policy and counters loaded");
+            return Ok(());
+        }
+        sync_policy(self.ledger, self.store).await?;
+        if counters {
+            let rows = sync_counters(self.ledger, self.store).await?;
+            if let Some(path) = &self.startup.snapshot
+                && self
+                    .snapshot_at
+                    .is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY)
+            {
+                save_snapshot(self.ledger, self.store, path, rows).await;
+                self.snapshot_at = Some(tokio::time::Instant::now());
+            }
+        }
+        Ok(())
     }
-    ledger.set_ready();
-    Ok(())
 }
 
 /// Writes one batch if any is waiting. Returns how many records were written.
@@ -98,12 +223,22 @@ async fn flush_once(ledger: &Ledger, store: &Store, max: usize) -> Result<usize,
 }
 
 /// Runs until `shutdown` turns true, then flushes what is left (bounded by `drain_deadline`).
+/// `prepared`: whether [`prepare`] already succeeded (else the writer retries it each tick).
 pub async fn run(
     ledger: Arc<Ledger>,
     store: Store,
     cfg: WriterConfig,
+    startup: Startup,
+    prepared: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut sync = Sync {
+        ledger: &ledger,
+        store: &store,
+        startup: &startup,
+        prepared,
+        snapshot_at: prepared.then(tokio::time::Instant::now),
+    };
     let mut sync_tick = tokio::time::interval(cfg.sync_interval);
     sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh_tick = tokio::time::interval(cfg.refresh_interval);
@@ -124,28 +259,31 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep(cfg.flush_interval) => {}
-            _ = sync_tick.tick() => report(&ledger, sync(&ledger, &store, false).await),
-            _ = refresh_tick.tick() => report(&ledger, sync(&ledger, &store, true).await),
-            _ = ledger.policy_changed() => report(&ledger, sync(&ledger, &store, false).await),
+            _ = sync_tick.tick() => report(&ledger, sync.run(false).await),
+            _ = refresh_tick.tick() => report(&ledger, sync.run(true).await),
+            _ = ledger.policy_changed() => report(&ledger, sync.run(false).await),
             _ = shutdown.changed() => {}
         }
-        loop {
-            match flush_once(&ledger, &store, cfg.batch_max).await {
-                Ok(0) => break,
-                Ok(_) => {
-                    backoff = Duration::from_millis(50);
-                    ledger.set_store_ok(true);
-                }
-                Err(e) => {
-                    ledger.set_store_ok(false);
-                    ledger.metrics.store_errors.inc();
-                    tracing::warn!(error = %e, queued = ledger.queue_depth(), "batch write failed; will retry");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
+        // Until the store was prepared (migrated) once, writes would only fail: they wait.
+        if sync.prepared {
+            loop {
+                match flush_once(&ledger, &store, cfg.batch_max).await {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        backoff = Duration::from_millis(50);
+                        ledger.set_store_ok(true);
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    break;
+                    Err(e) => {
+                        ledger.set_store_ok(false);
+                        ledger.metrics.store_errors.inc();
+                        tracing::warn!(error = %e, queued = ledger.queue_depth(), "batch write failed; will retry");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        break;
+                    }
                 }
             }
         }

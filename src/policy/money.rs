@@ -123,7 +123,7 @@ impl<'de> Deserialize<'de> for UsdString {
 pub struct UsdString(pub NanoUsd);
 
 /// Per-model prices, in nano-USD per one million tokens of each class.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Price {
     pub input: NanoUsd,
     pub output: NanoUsd,

@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod contract;
 mod postgres;
+pub mod snapshot;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -127,7 +128,7 @@ pub struct BatchOutcome {
     pub duplicates: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PriceRow {
     pub model: String,
     pub effective_from_ms: i64,
@@ -376,6 +377,7 @@ impl Aggregates {
 }
 
 /// A budget as stored: plain columns. Conversion checks every value.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct BudgetRow {
     pub id: String,
     pub name: String,
@@ -546,6 +548,18 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Calls `changed` when another connection commits a policy change (Postgres LISTEN/NOTIFY);
+    /// `None` where the backend has no such channel (the writer's poll covers it).
+    pub fn listen(
+        &self,
+        changed: impl Fn() + Send + Sync + 'static,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        match self {
+            Store::Postgres(s) => Some(s.listen(changed)),
+            Store::Sqlite(_) => None,
+        }
     }
 
     pub async fn policy_version(&self) -> Result<i64> {

@@ -3,6 +3,9 @@
 //! Lakebase and CockroachDB/YugabyteDB work too.
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
@@ -27,7 +30,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    config: Arc<tokio_postgres::Config>,
+    /// The server supports LISTEN/NOTIFY (CockroachDB, for one, does not): policy changes are
+    /// then announced to every replica at commit instead of waiting for their next poll.
+    notify: Arc<AtomicBool>,
 }
+
+/// Policy changes are announced on the `tokenbudget_policy` channel.
+const NOTIFY_POLICY: &str = "NOTIFY tokenbudget_policy";
+const LISTEN_POLICY: &str = "LISTEN tokenbudget_policy";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -48,7 +59,7 @@ impl PgStore {
         let cfg = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid database URL: {e}")))?;
         let mgr = Manager::from_config(
-            cfg,
+            cfg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -61,9 +72,81 @@ impl PgStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(unavailable)?;
-        // Fail fast on a wrong URL or a down server.
-        drop(pool.get().await.map_err(unavailable)?);
-        Ok(PgStore { pool })
+        let store = PgStore {
+            pool,
+            config: Arc::new(cfg),
+            notify: Arc::new(AtomicBool::new(false)),
+        };
+        // A down server is not fatal: the replica starts from its snapshot and the writer keeps
+        // trying. Whether NOTIFY works is learnt here or when the listener first connects.
+        match store.client().await {
+            Ok(c) => store.notify.store(
+                c.batch_execute(NOTIFY_POLICY).await.is_ok(),
+                Ordering::Release,
+            ),
+            Err(e) => tracing::warn!(error = %e, "Postgres unreachable at start"),
+        }
+        Ok(store)
+    }
+
+    /// Calls `changed` whenever another connection commits a policy change, until the returned
+    /// task is aborted; reconnects after failures (and calls `changed`, since a notification may
+    /// have been missed meanwhile). Nothing happens on servers without LISTEN/NOTIFY; the
+    /// writer's poll covers them.
+    pub fn listen(
+        &self,
+        changed: impl Fn() + Send + Sync + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let cfg = Arc::clone(&self.config);
+        let notify = Arc::clone(&self.notify);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match cfg.connect(NoTls).await {
+                    Ok((client, mut conn)) => {
+                        let listened = {
+                            let mut listen = std::pin::pin!(client.batch_execute(LISTEN_POLICY));
+                            // The connection must be driven for LISTEN itself to complete.
+                            loop {
+                                tokio::select! {
+                                    r = &mut listen => break Some(r),
+                                    m = std::future::poll_fn(|cx| conn.poll_message(cx)) => {
+                                        if !matches!(m, Some(Ok(_))) {
+                                            break None;
+                                        }
+                                    }
+                                }
+                            }
+                        };
+                        if let Some(Err(e)) = &listened
+                            && e.as_db_error().is_some()
+                        {
+                            tracing::info!(error = %e, "no LISTEN/NOTIFY on this server; policy changes arrive by polling");
+                            return;
+                        }
+                        if let Some(Ok(())) = listened {
+                            notify.store(true, Ordering::Release);
+                            backoff = Duration::from_millis(200);
+                            changed();
+                            while let Some(Ok(m)) =
+                                std::future::poll_fn(|cx| conn.poll_message(cx)).await
+                            {
+                                if let tokio_postgres::AsyncMessage::Notification(_) = m {
+                                    changed();
+                                }
+                            }
+                        }
+                        tracing::warn!("policy notification connection lost; reconnecting");
+                        drop(client);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open the policy notification connection")
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -375,7 +458,7 @@ impl PgStore {
             StoreError::Conflict(_) => StoreError::Conflict(format!("a budget named {:?} already exists", r.name)),
             other => other,
         })?;
-        record_change(&tx, audit).await?;
+        record_change(&tx, audit, self.notify.load(Ordering::Acquire)).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -389,7 +472,7 @@ impl PgStore {
         if n == 0 {
             return Err(StoreError::NotFound(format!("budget {:?}", audit.target)));
         }
-        record_change(&tx, audit).await?;
+        record_change(&tx, audit, self.notify.load(Ordering::Acquire)).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -415,7 +498,7 @@ impl PgStore {
         )
         .await
         .map_err(db_err)?;
-        record_change(&tx, audit).await?;
+        record_change(&tx, audit, self.notify.load(Ordering::Acquire)).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -552,7 +635,7 @@ impl PgStore {
         if n == 0 {
             return Err(StoreError::NotFound(format!("budget {:?}", r.name)));
         }
-        record_change(&tx, audit).await?;
+        record_change(&tx, audit, self.notify.load(Ordering::Acquire)).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -575,7 +658,7 @@ impl PgStore {
         if n == 0 {
             return Ok(false);
         }
-        record_change(&tx, audit).await?;
+        record_change(&tx, audit, self.notify.load(Ordering::Acquire)).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }
@@ -600,7 +683,7 @@ impl PgStore {
                 "{principal} in group {group:?}"
             )));
         }
-        record_change(&tx, audit).await?;
+        record_change(&tx, audit, self.notify.load(Ordering::Acquire)).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -675,7 +758,15 @@ impl PgStore {
 }
 
 /// Every policy change: bump the version replicas poll, and audit it, in the change's transaction.
-async fn record_change(tx: &deadpool_postgres::Transaction<'_>, a: &AuditEntry) -> Result<()> {
+async fn record_change(
+    tx: &deadpool_postgres::Transaction<'_>,
+    a: &AuditEntry,
+    notify: bool,
+) -> Result<()> {
+    if notify {
+        // Delivered when (and only if) the change commits.
+        tx.batch_execute(NOTIFY_POLICY).await.map_err(db_err)?;
+    }
     tx.execute(
         "UPDATE tb_policy_version SET version = version + 1 WHERE id = 1",
         &[],
