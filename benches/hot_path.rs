@@ -10,8 +10,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokenbudget::meter::eventstream::encode_frame;
 use tokenbudget::meter::{Api, BodyFormat, Encoding, Meter, MeterLimits};
 use tokenbudget::policy::{
-    Action, Admission, Ask, Budget, BudgetId, Counters, Limit, ModelSet, Policy, PriceBook,
-    Principal, Scope, Subject, SubjectKind, TokenClasses, Tokens, UnpricedModel, Window,
+    Action, Admission, Ask, Budget, BudgetId, Counters, LeaseStep, Limit, ModelSet, Policy,
+    PriceBook, Principal, Scope, Subject, SubjectKind, TokenClasses, Tokens, UnpricedModel, Window,
     WindowUnit,
 };
 
@@ -169,6 +169,7 @@ fn decision(c: &mut Criterion) {
             output: 1000,
             ..Default::default()
         },
+        lease: LeaseStep::Acquire,
     };
     let now: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
         .map(|t| t.with_timezone(&Utc))

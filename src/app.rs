@@ -21,6 +21,7 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::extproc::ExtProcService;
 use crate::ledger::journal::{self, Journal};
+use crate::ledger::lease;
 use crate::ledger::{Ledger, writer};
 use crate::store::{Store, StoreError};
 
@@ -41,6 +42,8 @@ pub struct Running {
     admin: JoinHandle<std::io::Result<()>>,
     journal: Option<std::thread::JoinHandle<Journal>>,
     listener: Option<JoinHandle<()>>,
+    stop_lease: watch::Sender<bool>,
+    lease_task: Option<JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
     grace: Duration,
 }
@@ -73,6 +76,11 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         config.queue_capacity,
         Arc::new(crate::metrics::Metrics::new()),
     );
+    let leases = config.lease.map(|cfg| {
+        let (client, rx) = lease::channel(cfg);
+        ledger.use_leases(client);
+        (cfg, rx)
+    });
     // Debits an earlier process settled but the store may not have: counted and queued again
     // before anything else (the store ignores the ones it already has).
     let journal = match &config.journal_dir {
@@ -142,6 +150,16 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         writer_rx,
     ));
 
+    let (stop_lease, lease_rx) = watch::channel(false);
+    let lease_task = leases.map(|(cfg, rx)| {
+        tokio::spawn(lease::run(
+            Arc::clone(&ledger),
+            store.clone(),
+            cfg,
+            rx,
+            lease_rx,
+        ))
+    });
     let listener = {
         let l = Arc::clone(&ledger);
         store.listen(move || l.notify_policy_changed())
@@ -238,6 +256,8 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         admin,
         journal,
         listener,
+        stop_lease,
+        lease_task,
         health,
         grace: config.shutdown_grace,
     })
@@ -287,6 +307,11 @@ impl Running {
         self.writer.await.context("writer task")?;
         if let Some(mut j) = journal {
             j.flushed(self.ledger.flushed_seq());
+        }
+        // Debits are written (their leases shrank with them): give back what is left.
+        let _ = self.stop_lease.send(true);
+        if let Some(t) = self.lease_task {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
         if let Some(l) = self.listener {
             l.abort();

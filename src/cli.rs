@@ -13,8 +13,8 @@ use crate::config::Config;
 use crate::ledger::{Ledger, writer};
 use crate::policy::prices::{PriceEntry, PriceFile, parse_price_file};
 use crate::policy::{
-    Admission, Ask, Budget, BudgetSpec, BudgetStatus, DenyReason, Limit, ModelSet, NanoUsd, Price,
-    Principal, PrincipalKind, TokenClasses, Unit, Window,
+    Admission, Ask, Budget, BudgetSpec, BudgetStatus, DenyReason, LeaseStep, Limit, ModelSet,
+    NanoUsd, Price, Principal, PrincipalKind, TokenClasses, Unit, Window,
 };
 use crate::store::{Actor, PriceRow, Store, UsageBy, UsageQuery};
 
@@ -857,12 +857,15 @@ pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow
             output,
             ..Default::default()
         },
+        // A dry run shows the global view; leases are a replica's private bookkeeping.
+        lease: LeaseStep::Bypass,
     };
     let ev = ledger.evaluate(&ask);
     let outcome = ev.outcome();
     let (decision, binding) = match &outcome {
         Admission::Allowed { binding, .. } => ("allow", binding.as_ref().map(|b| b.name.clone())),
         Admission::Denied { denial, .. } => ("deny", Some(denial.status.name.clone())),
+        Admission::Pending { .. } => ("allow", None),
     };
     let canonical = policy.models.canonical(&a.model).into_owned();
     if a.json {
@@ -961,7 +964,7 @@ pub async fn check(config: &Config, clock: &SharedClock, a: CheckArgs) -> anyhow
                 );
             }
         }
-        Admission::Allowed { binding: None, .. } => {
+        Admission::Allowed { binding: None, .. } | Admission::Pending { .. } => {
             println!("decision   ALLOW — no enforced budget applies")
         }
         Admission::Denied { denial, .. } => println!(

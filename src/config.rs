@@ -214,6 +214,10 @@ struct RawLedger {
     journal_dir: String,
     durable_settle: bool,
     reservation_ttl_seconds: u64,
+    mode: String,
+    lease_share_percent: u32,
+    lease_ttl_ms: u64,
+    lease_wait_ms: u64,
 }
 
 impl Default for RawLedger {
@@ -227,6 +231,10 @@ impl Default for RawLedger {
             journal_dir: "tokenbudget-journal".into(),
             durable_settle: false,
             reservation_ttl_seconds: 3600,
+            mode: "sync".into(),
+            lease_share_percent: 20,
+            lease_ttl_ms: 10_000,
+            lease_wait_ms: 100,
         }
     }
 }
@@ -268,6 +276,8 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Where settled debits are journaled before the store; `None` disables the journal.
     pub journal_dir: Option<PathBuf>,
+    /// Lease mode (`ledger.mode = "lease"`): strict global limits across replicas.
+    pub lease: Option<crate::ledger::lease::LeaseConfig>,
     pub log_level: String,
     pub log_format: LogFormat,
     pub models: ModelAliases,
@@ -470,6 +480,34 @@ impl Config {
                 return Err(err(key, "must be at least 1"));
             }
         }
+        let lease = match l.mode.as_str() {
+            "sync" => None,
+            "lease" => {
+                if l.lease_share_percent > 100 {
+                    return Err(err("ledger.lease_share_percent", "must be 0 to 100"));
+                }
+                if l.lease_ttl_ms < 1000 {
+                    return Err(err("ledger.lease_ttl_ms", "must be at least 1000"));
+                }
+                if l.lease_wait_ms == 0 || l.lease_wait_ms >= 200 {
+                    return Err(err(
+                        "ledger.lease_wait_ms",
+                        "must be 1 to 199 (below Envoy's message timeout)",
+                    ));
+                }
+                Some(crate::ledger::lease::LeaseConfig {
+                    share_permille: l.lease_share_percent * 10,
+                    ttl: Duration::from_millis(l.lease_ttl_ms),
+                    wait: Duration::from_millis(l.lease_wait_ms),
+                })
+            }
+            other => {
+                return Err(err(
+                    "ledger.mode",
+                    format!("expected sync or lease, got {other:?}"),
+                ));
+            }
+        };
         let log_format = match raw.log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -596,6 +634,7 @@ impl Config {
                 },
             },
             queue_capacity: l.queue_capacity,
+            lease,
             journal_dir: (!l.journal_dir.trim().is_empty())
                 .then(|| PathBuf::from(l.journal_dir.trim())),
             log_level: raw.log.level,

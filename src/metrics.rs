@@ -75,6 +75,10 @@ pub struct Metrics {
     pub journal_sync_seconds: Histogram,
     pub journal_bytes: Gauge,
     pub journal_replayed: Counter,
+    /// Lease grants that covered what was asked (full) or did not (short: the budget is spent
+    /// or held by other replicas).
+    lease_full: Counter,
+    lease_short: Counter,
     /// Decisions whose matching budgets were remembered (hit) or computed (miss).
     match_hits: Counter,
     match_misses: Counter,
@@ -224,6 +228,18 @@ impl Metrics {
             "Records an earlier process left in the journal, replayed at start",
             journal_replayed.clone(),
         );
+        let leases = Family::<CacheResult, Counter>::default();
+        let lease_full = leases
+            .get_or_create(&CacheResult { result: "full" })
+            .clone();
+        let lease_short = leases
+            .get_or_create(&CacheResult { result: "short" })
+            .clone();
+        registry.register(
+            "lease_grants",
+            "Lease grants from the store: full (what was asked) or short (the budget is spent or held by other replicas)",
+            leases,
+        );
         let match_cache = Family::<CacheResult, Counter>::default();
         let match_hits = match_cache
             .get_or_create(&CacheResult { result: "hit" })
@@ -240,6 +256,8 @@ impl Metrics {
             registry,
             match_hits,
             match_misses,
+            lease_full,
+            lease_short,
             reservations_expired,
             journal_errors,
             journal_sync_seconds,
@@ -296,6 +314,15 @@ impl Metrics {
         }
         if cost_nanos > 0 {
             self.cost.get_or_create(&Model { model }).inc_by(cost_nanos);
+        }
+    }
+
+    /// One lease grant.
+    pub fn lease_grant(&self, full: bool) {
+        if full {
+            self.lease_full.inc();
+        } else {
+            self.lease_short.inc();
         }
     }
 

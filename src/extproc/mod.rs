@@ -177,6 +177,11 @@ async fn run_stream(
                 let observe = msg.observability_mode;
                 let sent = match state.on_message(msg) {
                     Step::NoReply => true,
+                    Step::AwaitLease(needs) => {
+                        let answered = shared.ledger.acquire_leases(needs).await;
+                        let r = state.resume(answered);
+                        observe || tx.send(Ok(r)).await.is_ok()
+                    }
                     Step::Reply(r) => observe || tx.send(Ok(r)).await.is_ok(),
                     // The last chunk, when its debit must be on disk before the client sees the end.
                     Step::ReplyThenMeter(r, body, true) if durable => {

@@ -238,7 +238,7 @@ pub fn denied(
             StatusCode::Forbidden,
             "tokenbudget_model_not_priced",
         ),
-        DenyReason::NeverFits | DenyReason::Exhausted => (
+        DenyReason::NeverFits | DenyReason::Exhausted | DenyReason::NeedsLease => (
             "budget_exceeded",
             StatusCode::TooManyRequests,
             "tokenbudget_budget_exhausted",
@@ -347,7 +347,7 @@ fn deny_message(d: &Denial) -> String {
         String::new()
     };
     match d.reason {
-        DenyReason::Exhausted => format!(
+        DenyReason::Exhausted | DenyReason::NeedsLease => format!(
             "Budget '{}' exhausted: used {}{in_flight} of {} {window}; this request needs up to {}; {resets}.",
             s.name,
             s.unit.show(s.used),

@@ -17,7 +17,9 @@ use super::reply;
 use super::request::{self, BodyFacts, Family};
 use crate::identity::Evidence;
 use crate::meter::{Api, BodyFormat, Encoding, Meter, Metered, estimate_tokens};
-use crate::policy::{Admission, Ask, BudgetStatus, Principal, Reservation, TokenClasses};
+use crate::policy::{
+    Admission, Ask, BudgetStatus, LeaseStep, Principal, Reservation, TokenClasses,
+};
 use crate::store::DenyEvent;
 
 /// Per-route hints Envoy sends as gRPC initial metadata (`grpc_initial_metadata` on the route).
@@ -34,6 +36,22 @@ pub enum Step {
     Reply(ep::ProcessingResponse),
     /// A response body chunk: send the reply, then meter the bytes.
     ReplyThenMeter(ep::ProcessingResponse, Vec<u8>, bool),
+    /// Lease mode: ask for these leases, then [`StreamState::resume`] gives the reply.
+    AwaitLease(Vec<crate::policy::LeaseNeed>),
+}
+
+/// The outcome of a decision.
+enum Decided {
+    Admitted,
+    /// Denied (or refused): the local reply to send.
+    Refused(Box<ep::ProcessingResponse>),
+    Wait(Vec<crate::policy::LeaseNeed>),
+}
+
+/// Which message waits for a lease, and what its reply carries once admitted.
+enum Waiting {
+    Headers,
+    Body(Option<Vec<u8>>),
 }
 
 /// How the stream ended.
@@ -81,6 +99,8 @@ pub struct StreamState {
     strip_usage_event: bool,
     /// The settled debit's sequence number in the ledger, once settled.
     settled_seq: Option<u64>,
+    /// Lease mode: the message whose reply waits for a lease.
+    waiting: Option<Waiting>,
 }
 
 fn header_value<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
@@ -113,6 +133,7 @@ impl StreamState {
             response_ended: false,
             strip_usage_event: false,
             settled_seq: None,
+            waiting: None,
         }
     }
 
@@ -146,10 +167,8 @@ impl StreamState {
             return Step::NoReply;
         };
         match req {
-            In::RequestHeaders(h) => {
-                Step::Reply(self.on_request_headers(h, msg.metadata_context.as_ref()))
-            }
-            In::RequestBody(b) => Step::Reply(self.on_request_body(b)),
+            In::RequestHeaders(h) => self.on_request_headers(h, msg.metadata_context.as_ref()),
+            In::RequestBody(b) => self.on_request_body(b),
             In::RequestTrailers(_) => Step::Reply(reply::trailers_pass(true)),
             In::ResponseHeaders(h) => Step::Reply(self.on_response_headers(h)),
             In::ResponseBody(b) => {
@@ -179,7 +198,7 @@ impl StreamState {
         &mut self,
         h: ep::HttpHeaders,
         metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
-    ) -> ep::ProcessingResponse {
+    ) -> Step {
         let headers = h.headers.map(|m| m.headers).unwrap_or_default();
         let get = |name: &str| header_value(&headers, name);
         self.request_id =
@@ -203,24 +222,65 @@ impl StreamState {
             self.phase = Phase::Done;
             tracing::debug!(request_id = %self.request_id, "no identity");
             self.shared.ledger.metrics.decisions.no_identity.inc();
-            return reply::no_identity(self.family);
+            return Step::Reply(reply::no_identity(self.family));
         }
         let has_body = !h.end_of_stream && get(":method") == Some("POST");
         if has_body
             && (self.model.is_none() || self.injectable || self.shared.config.always_read_body)
         {
             self.phase = Phase::AwaitingBody;
-            return reply::request_headers(Some(reply::buffer_request_body()));
+            return Step::Reply(reply::request_headers(Some(reply::buffer_request_body())));
         }
-        match self.decide() {
-            Ok(()) => reply::request_headers(None),
-            Err(deny) => *deny,
+        self.decided(LeaseStep::Acquire, Waiting::Headers)
+    }
+
+    /// Turns a decision into the step for the message that asked for it.
+    fn decided(&mut self, lease: LeaseStep, waiting: Waiting) -> Step {
+        match self.decide(lease) {
+            Decided::Admitted => Step::Reply(Self::admitted_reply(waiting)),
+            Decided::Refused(r) => Step::Reply(*r),
+            Decided::Wait(needs) => {
+                self.waiting = Some(waiting);
+                Step::AwaitLease(needs)
+            }
         }
     }
 
-    fn on_request_body(&mut self, b: ep::HttpBody) -> ep::ProcessingResponse {
+    fn admitted_reply(waiting: Waiting) -> ep::ProcessingResponse {
+        match waiting {
+            Waiting::Headers => reply::request_headers(None),
+            Waiting::Body(Some(new_body)) => reply::request_body_replaced(new_body),
+            Waiting::Body(None) => reply::body_pass(true),
+        }
+    }
+
+    /// Lease mode: the reply to the message that waited for a lease. `answered`: the store
+    /// answered the lease asks (else the budgets' state is unknown and `no_state` decides).
+    pub fn resume(&mut self, answered: bool) -> ep::ProcessingResponse {
+        let waiting = self.waiting.take().unwrap_or(Waiting::Headers);
+        let step = if answered {
+            LeaseStep::Final
+        } else if self.shared.config.no_state == super::NoState::Allow {
+            LeaseStep::Bypass
+        } else {
+            self.phase = Phase::Done;
+            self.shared.ledger.metrics.decisions.no_state.inc();
+            return reply::no_state(self.family);
+        };
+        match self.decide(step) {
+            Decided::Admitted => Self::admitted_reply(waiting),
+            Decided::Refused(r) => *r,
+            // A final decision never waits; should it, the budgets' state is unknown.
+            Decided::Wait(_) => {
+                self.phase = Phase::Done;
+                reply::no_state(self.family)
+            }
+        }
+    }
+
+    fn on_request_body(&mut self, b: ep::HttpBody) -> Step {
         if !matches!(self.phase, Phase::AwaitingBody) {
-            return reply::body_pass(true);
+            return Step::Reply(reply::body_pass(true));
         }
         if self.body.is_empty() {
             self.body = b.body;
@@ -228,7 +288,7 @@ impl StreamState {
             self.body.extend_from_slice(&b.body);
         }
         if !b.end_of_stream {
-            return reply::body_pass(true);
+            return Step::Reply(reply::body_pass(true));
         }
         let body = std::mem::take(&mut self.body);
         let mut replaced = None;
@@ -252,25 +312,19 @@ impl StreamState {
                 }
             }
         }
-        if let Err(deny) = self.decide() {
-            return *deny;
-        }
-        match replaced {
-            Some(new_body) => reply::request_body_replaced(new_body),
-            None => reply::body_pass(true),
-        }
+        self.decided(LeaseStep::Acquire, Waiting::Body(replaced))
     }
 
     /// Admission from memory. On deny returns the local reply and records the deny event.
-    fn decide(&mut self) -> Result<(), Box<ep::ProcessingResponse>> {
+    fn decide(&mut self, lease: LeaseStep) -> Decided {
         let cfg = &self.shared.config;
         let Some(principal) = self.principal.as_ref() else {
-            return Ok(());
+            return Decided::Admitted;
         };
         if cfg.no_state == super::NoState::Deny && !self.shared.ledger.is_ready() {
             self.phase = Phase::Done;
             self.shared.ledger.metrics.decisions.no_state.inc();
-            return Err(Box::new(reply::no_state(self.family)));
+            return Decided::Refused(Box::new(reply::no_state(self.family)));
         }
         self.prompt_estimate = estimate_tokens(self.facts.prompt_bytes);
         let mut output = self.facts.max_output.unwrap_or(cfg.default_output_tokens);
@@ -286,6 +340,7 @@ impl StreamState {
                 output,
                 ..Default::default()
             },
+            lease,
         };
         let ledger = &self.shared.ledger;
         let started = std::time::Instant::now();
@@ -297,10 +352,12 @@ impl StreamState {
             .observe(started.elapsed().as_secs_f64());
         let now = ledger.clock().now();
         let (shadow, outcome) = match admission {
+            Admission::Pending { needs } => return Decided::Wait(needs),
             Admission::Allowed {
                 reservation,
                 binding,
                 shadow,
+                ..
             } => {
                 self.reservation = reservation;
                 self.binding = binding;
@@ -309,7 +366,7 @@ impl StreamState {
                 if !shadow.is_empty() {
                     decisions.shadow_would_deny.inc();
                 }
-                (shadow, Ok(()))
+                (shadow, Decided::Admitted)
             }
             Admission::Denied { denial, shadow } => {
                 self.phase = Phase::Done;
@@ -322,7 +379,7 @@ impl StreamState {
                 };
                 (
                     shadow,
-                    Err(Box::new(reply::denied(
+                    Decided::Refused(Box::new(reply::denied(
                         &denial,
                         self.family,
                         &self.request_id,
@@ -566,7 +623,7 @@ mod tests {
         match step {
             Step::Reply(r) => r,
             Step::ReplyThenMeter(r, _, _) => r,
-            Step::NoReply => panic!("expected a reply"),
+            Step::NoReply | Step::AwaitLease(_) => panic!("expected a reply"),
         }
     }
 

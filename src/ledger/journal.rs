@@ -320,6 +320,7 @@ mod tests {
                     tokens: 3 * i,
                     nanos: 7 * i,
                 },
+                lease: None,
             }],
         })
     }

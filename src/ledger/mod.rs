@@ -11,6 +11,7 @@
 //! **Boundary:** the hot path calls `admit`/`settle`/`release`/`record_deny`, which never await.
 
 pub mod journal;
+pub mod lease;
 pub mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -113,6 +114,8 @@ pub struct Ledger {
     wake: Notify,
     /// Another replica (or this one) changed the policy in the store.
     policy_changed: Notify,
+    /// Lease mode's task (unset in sync mode).
+    leases: std::sync::OnceLock<lease::LeaseClient>,
     clock: SharedClock,
     capacity: usize,
     ready: AtomicBool,
@@ -149,6 +152,7 @@ impl Ledger {
             flushed_seq: AtomicU64::new(0),
             wake: Notify::new(),
             policy_changed: Notify::new(),
+            leases: std::sync::OnceLock::new(),
             clock,
             capacity,
             ready: AtomicBool::new(false),
@@ -205,11 +209,35 @@ impl Ledger {
         let policy = self.policy.load();
         let now = self.clock.now();
         let mut counters = self.counters();
-        let admission = counters.admit(&policy, ask, now);
+        let mut admission = counters.admit(&policy, ask, now);
         let hit = counters.last_match_hit();
         drop(counters);
         self.metrics.match_cache(hit);
+        if let Admission::Allowed { refills, .. } = &mut admission
+            && !refills.is_empty()
+            && let Some(l) = self.leases.get()
+        {
+            l.refill(std::mem::take(refills));
+        }
         admission
+    }
+
+    /// Lease mode: from now on enforced budgets admit against leases granted through `client`.
+    pub(crate) fn use_leases(&self, client: lease::LeaseClient) {
+        let _ = self.leases.set(client);
+    }
+
+    /// Lease mode: asks for `needs` and waits, bounded by `lease_wait_ms`. `false` when the store
+    /// did not answer in time (then [`crate::extproc::NoState`] decides).
+    pub async fn acquire_leases(&self, needs: Vec<crate::policy::LeaseNeed>) -> bool {
+        match self.leases.get() {
+            Some(l) => l.acquire(needs).await,
+            None => false,
+        }
+    }
+
+    pub(crate) fn with_counters<R>(&self, f: impl FnOnce(&mut Counters) -> R) -> R {
+        f(&mut self.counters())
     }
 
     /// How every matching budget stands for `ask`, reserving nothing (the dry-run `check`).
@@ -471,6 +499,7 @@ impl Ledger {
         }
         let mut policy = Policy::new(budgets, prices, self.settings.tz, self.settings.unpriced);
         policy.models = self.settings.models.clone();
+        policy.lease_mode = self.leases.get().is_some();
         let mut members: HashMap<String, Vec<String>> = HashMap::new();
         for (group, principal) in rows
             .members

@@ -60,6 +60,66 @@ pub struct CounterDelta {
     pub key: CounterKey,
     pub bucket: i64,
     pub amount: Amount,
+    /// Lease mode: the lease this debit consumed, which the store lowers by the amount when it
+    /// records the debit (the usage moves from "leased" to "used").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseUse>,
+}
+
+/// Which lease a debit came out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseUse {
+    pub epoch: i64,
+    pub unit: Unit,
+}
+
+/// A slice of a budget's global headroom this replica holds in the store (lease mode). Admission
+/// against a leased budget needs `reserved + unflushed + estimate ≤ granted`; the store keeps
+/// `used + Σ leases ≤ limit` across replicas, so the limit holds globally.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lease {
+    /// The window the lease is for ([`Window::lease_epoch`]).
+    epoch: i64,
+    unit: Option<Unit>,
+    /// Held in the store for this replica, in the budget's unit. Lowered when the store
+    /// records a debit it covered, and when headroom is given back.
+    granted: u64,
+    /// The lease lapses unless renewed by then (epoch ms).
+    valid_until_ms: i64,
+    /// The store had nothing left to grant: no new ask before this instant (epoch ms).
+    short_until_ms: i64,
+    /// What other replicas held at the last grant (counted as reserved while short).
+    others: u64,
+    /// Last admission against the lease (epoch ms): idle leases are given back.
+    used_ms: i64,
+}
+
+/// One lease: a counter and the window it is for.
+pub type LeaseKey = (CounterKey, i64);
+
+/// A budget that needs (more of) a lease before a request can be admitted against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseNeed {
+    pub key: CounterKey,
+    pub epoch: i64,
+    /// The oldest bucket that counts (the store sums used amounts from it on).
+    pub oldest: i64,
+    pub unit: Unit,
+    pub limit: u64,
+    /// How much more than the lease's current headroom is needed.
+    pub want: u64,
+}
+
+/// How an admission treats leased budgets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LeaseStep {
+    /// A leased budget without enough headroom asks for a lease ([`Admission::Pending`]).
+    #[default]
+    Acquire,
+    /// The lease was asked for already: not enough headroom now means exhausted.
+    Final,
+    /// Leases cannot be had (the store is down) and `no_state = allow`: the global view decides.
+    Bypass,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -78,9 +138,31 @@ struct Counter {
     buckets: Vec<Bucket>,
     /// Held by requests in flight (kept across window changes: they are still in flight).
     reserved: Amount,
+    lease: Lease,
 }
 
 impl Counter {
+    fn unflushed(&self) -> Amount {
+        let mut a = Amount::default();
+        for b in &self.buckets {
+            a.add(b.unflushed);
+        }
+        a
+    }
+
+    /// The lease for `epoch`, if one is held and still valid at `now_ms`.
+    fn lease_for(&self, epoch: i64, now_ms: i64) -> Option<&Lease> {
+        let l = &self.lease;
+        (l.epoch == epoch && l.unit.is_some() && now_ms <= l.valid_until_ms).then_some(l)
+    }
+
+    /// What the lease for `epoch` still covers beyond what this replica reserved and settled.
+    fn lease_headroom(&self, epoch: i64, unit: Unit, now_ms: i64) -> u64 {
+        let local = self.reserved.in_unit(unit) + self.unflushed().in_unit(unit);
+        self.lease_for(epoch, now_ms)
+            .map_or(0, |l| l.granted.saturating_sub(local))
+    }
+
     /// Forgets buckets that no longer count.
     fn prune(&mut self, oldest: i64) {
         self.buckets.retain(|b| b.start >= oldest);
@@ -145,6 +227,7 @@ pub struct Ask<'a> {
     pub principal: &'a Principal,
     pub model: Option<&'a str>,
     pub estimate: TokenClasses,
+    pub lease: LeaseStep,
 }
 
 /// One budget's state as a decision saw it, in the budget's unit.
@@ -184,6 +267,9 @@ pub enum DenyReason {
     NeverFits,
     /// A USD budget applies and the model has no price.
     ModelNotPriced,
+    /// Lease mode: the budget has room globally, but this replica's lease does not cover the
+    /// request yet (never shown to a client: the request waits for a lease).
+    NeedsLease,
 }
 
 impl DenyReason {
@@ -193,6 +279,7 @@ impl DenyReason {
             DenyReason::Exhausted => "exhausted",
             DenyReason::NeverFits => "never_fits",
             DenyReason::ModelNotPriced => "model_not_priced",
+            DenyReason::NeedsLease => "needs_lease",
         }
     }
 }
@@ -216,6 +303,8 @@ pub struct Held {
     pub key: CounterKey,
     pub window: Window,
     pub amount: Amount,
+    /// Lease mode: the budget's unit (its settled amount comes out of the lease).
+    pub leased: Option<Unit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,10 +315,17 @@ pub enum Admission {
         binding: Option<BudgetStatus>,
         /// Shadow budgets that would have denied this request.
         shadow: Vec<Denial>,
+        /// Lease mode: leases running low after this admission, to top up in the background.
+        refills: Vec<LeaseNeed>,
     },
     Denied {
         denial: Denial,
         shadow: Vec<Denial>,
+    },
+    /// Lease mode: every budget has room, but some leases must grow first; ask the store for
+    /// `needs`, then decide again with [`LeaseStep::Final`]. Nothing was reserved.
+    Pending {
+        needs: Vec<LeaseNeed>,
     },
 }
 
@@ -243,6 +339,10 @@ pub struct Considered {
     pub want: u64,
     /// Why this budget would deny the request, if it would.
     pub verdict: Option<DenyReason>,
+    /// Lease mode: the budget's unit when admission is against this replica's lease.
+    pub leased: Option<Unit>,
+    /// With `verdict == NeedsLease`: the lease to ask for.
+    pub need: Option<LeaseNeed>,
 }
 
 /// Everything a decision looked at: the matching budgets and where each stands.
@@ -264,7 +364,12 @@ impl Evaluation {
     pub fn outcome(&self) -> Admission {
         let mut denials = Vec::new();
         let mut shadow = Vec::new();
+        let mut needs = Vec::new();
         for c in &self.considered {
+            if let Some(need) = &c.need {
+                needs.push(need.clone());
+                continue;
+            }
             if let Some(reason) = c.verdict {
                 let d = Denial {
                     status: c.status.clone(),
@@ -279,6 +384,9 @@ impl Evaluation {
         }
         if let Some(denial) = pick_binding_denial(denials) {
             return Admission::Denied { denial, shadow };
+        }
+        if !needs.is_empty() {
+            return Admission::Pending { needs };
         }
         // The enforced budget with proportionally the least headroom once this request is
         // reserved; only that one status is copied.
@@ -307,6 +415,7 @@ impl Evaluation {
             reservation: Reservation::default(),
             binding,
             shadow,
+            refills: Vec::new(),
         }
     }
 }
@@ -346,6 +455,7 @@ impl Counters {
         };
         let unpriced =
             ask.model.is_some() && price.is_none() && policy.unpriced == UnpricedModel::Deny;
+        let now_ms = now.timestamp_millis();
         let mut considered = Vec::with_capacity(matched.hits.len());
         for m in &matched.hits {
             let budget = &policy.budgets[m.index];
@@ -357,14 +467,43 @@ impl Counters {
             let unit = budget.limit.unit();
             let limit = budget.limit.value();
             let used = c.used().in_unit(unit);
-            let reserved = c.reserved.in_unit(unit);
+            let mut reserved = c.reserved.in_unit(unit);
             let want = estimate.in_unit(unit);
+            let leased = (policy.lease_mode
+                && budget.action == Action::Enforce
+                && ask.lease != LeaseStep::Bypass)
+                .then_some(unit);
+            let epoch = budget.window.lease_epoch(now, policy.tz);
+            if leased.is_some()
+                && let Some(l) = c.lease_for(epoch, now_ms)
+                && l.short_until_ms > now_ms
+            {
+                // The store just said other replicas hold this: not ours to spend (until we ask
+                // again, after the backoff).
+                reserved = reserved.saturating_add(l.others);
+            }
+            let mut need = None;
             let verdict = if unit == Unit::Usd && unpriced {
                 Some(DenyReason::ModelNotPriced)
             } else if want > limit {
                 Some(DenyReason::NeverFits)
             } else if used.saturating_add(reserved).saturating_add(want) > limit {
                 Some(DenyReason::Exhausted)
+            } else if leased.is_some() && want > c.lease_headroom(epoch, unit, now_ms) {
+                let short = c.lease.epoch == epoch && c.lease.short_until_ms > now_ms;
+                if ask.lease == LeaseStep::Final || short {
+                    Some(DenyReason::Exhausted)
+                } else {
+                    need = Some(LeaseNeed {
+                        key: key.clone(),
+                        epoch,
+                        oldest: budget.window.oldest_counted(now, policy.tz),
+                        unit,
+                        limit,
+                        want: want - c.lease_headroom(epoch, unit, now_ms),
+                    });
+                    Some(DenyReason::NeedsLease)
+                }
             } else {
                 None
             };
@@ -395,6 +534,8 @@ impl Counters {
                 status,
                 want,
                 verdict,
+                leased,
+                need,
             });
         }
         Evaluation {
@@ -415,20 +556,39 @@ impl Counters {
     pub fn admit(&mut self, policy: &Policy, ask: &Ask<'_>, now: DateTime<Utc>) -> Admission {
         let ev = self.evaluate(policy, ask, now);
         let outcome = ev.outcome();
-        if let Admission::Denied { .. } = outcome {
+        if !matches!(outcome, Admission::Allowed { .. }) {
             return outcome;
         }
+        let now_ms = now.timestamp_millis();
+        let mut refills = Vec::new();
         let entries = ev
             .considered
             .into_iter()
             .map(|c| {
                 if let Some(counter) = self.map.get_mut(&c.key) {
                     counter.reserved.add(ev.estimate);
+                    if let Some(unit) = c.leased {
+                        counter.lease.used_ms = now_ms;
+                        // Top the lease up before it runs dry, so the next request need not wait.
+                        let epoch = c.status.window.lease_epoch(now, policy.tz);
+                        let left = counter.lease_headroom(epoch, unit, now_ms);
+                        if left < c.want.max(counter.lease.granted / 4) {
+                            refills.push(LeaseNeed {
+                                key: c.key.clone(),
+                                epoch,
+                                oldest: c.status.window.oldest_counted(now, policy.tz),
+                                unit,
+                                limit: c.status.limit,
+                                want: c.want.max(1),
+                            });
+                        }
+                    }
                 }
                 Held {
                     key: c.key,
                     window: c.status.window,
                     amount: ev.estimate,
+                    leased: c.leased,
                 }
             })
             .collect();
@@ -439,8 +599,9 @@ impl Counters {
                 reservation: Reservation { entries },
                 binding,
                 shadow,
+                refills,
             },
-            denied => denied,
+            other => other,
         }
     }
 
@@ -465,6 +626,10 @@ impl Counters {
                 key: held.key.clone(),
                 bucket,
                 amount: actual,
+                lease: held.leased.map(|unit| LeaseUse {
+                    epoch: held.window.lease_epoch(now, tz),
+                    unit,
+                }),
             });
         }
         deltas
@@ -493,13 +658,123 @@ impl Counters {
         }
     }
 
+    /// The store granted `granted` more of the lease on `key` for `epoch` (0 when it had nothing
+    /// left, which blocks new asks until `short_until_ms`); other replicas hold `others`.
+    pub fn grant_lease(
+        &mut self,
+        need: &LeaseNeed,
+        granted: u64,
+        others: u64,
+        now_ms: i64,
+        valid_until_ms: i64,
+        short_until_ms: i64,
+    ) {
+        let c = self.map.entry(need.key.clone()).or_default();
+        let l = &mut c.lease;
+        if l.epoch != need.epoch || l.unit != Some(need.unit) || now_ms > l.valid_until_ms {
+            // A new window, or a lapsed lease: the store counts only what it granted from now on.
+            *l = Lease {
+                epoch: need.epoch,
+                unit: Some(need.unit),
+                ..Lease::default()
+            };
+        }
+        l.granted = l.granted.saturating_add(granted);
+        l.others = others;
+        l.valid_until_ms = valid_until_ms;
+        if granted < need.want {
+            l.short_until_ms = short_until_ms;
+        }
+    }
+
+    /// Leases not admitted against since `idle_before_ms`: their headroom is taken off now (so no
+    /// admission can use it) and returned, to be given back to the store.
+    pub fn take_idle_lease_headroom(
+        &mut self,
+        idle_before_ms: i64,
+        now_ms: i64,
+    ) -> Vec<(CounterKey, i64, u64)> {
+        let mut out = Vec::new();
+        for (key, c) in self.map.iter_mut() {
+            let Some(unit) = c.lease.unit else { continue };
+            if c.lease.used_ms >= idle_before_ms || now_ms > c.lease.valid_until_ms {
+                continue;
+            }
+            let free = c.lease_headroom(c.lease.epoch, unit, now_ms);
+            if free > 0 {
+                c.lease.granted -= free;
+                out.push((key.clone(), c.lease.epoch, free));
+            }
+        }
+        out
+    }
+
+    /// Gives headroom taken by [`Counters::take_idle_lease_headroom`] back to the lease (the
+    /// store did not take it).
+    pub fn restore_lease_headroom(&mut self, key: &CounterKey, epoch: i64, amount: u64) {
+        if let Some(c) = self.map.get_mut(key)
+            && c.lease.epoch == epoch
+        {
+            c.lease.granted = c.lease.granted.saturating_add(amount);
+        }
+    }
+
+    /// Leases still valid at `now_ms` (to renew), after dropping the lapsed ones, which are
+    /// returned too (the store may have granted their headroom to others).
+    pub fn leases(&mut self, now_ms: i64) -> (Vec<LeaseKey>, Vec<LeaseKey>) {
+        let (mut live, mut lapsed) = (Vec::new(), Vec::new());
+        for (key, c) in self.map.iter_mut() {
+            if c.lease.unit.is_none() {
+                continue;
+            }
+            if now_ms > c.lease.valid_until_ms {
+                lapsed.push((key.clone(), c.lease.epoch));
+                c.lease = Lease::default();
+            } else {
+                live.push((key.clone(), c.lease.epoch));
+            }
+        }
+        (live, lapsed)
+    }
+
+    /// Leases the store no longer has (they expired there): this replica holds nothing on them.
+    pub fn drop_leases(&mut self, gone: &[(CounterKey, i64)]) {
+        for (key, epoch) in gone {
+            if let Some(c) = self.map.get_mut(key)
+                && c.lease.epoch == *epoch
+            {
+                c.lease = Lease::default();
+            }
+        }
+    }
+
+    /// The store extended the leases `renewed` to `valid_until_ms`.
+    pub fn extend_leases(&mut self, renewed: &[(CounterKey, i64)], valid_until_ms: i64) {
+        for (key, epoch) in renewed {
+            if let Some(c) = self.map.get_mut(key)
+                && c.lease.epoch == *epoch
+                && c.lease.unit.is_some()
+            {
+                c.lease.valid_until_ms = c.lease.valid_until_ms.max(valid_until_ms);
+            }
+        }
+    }
+
     /// The store has durably recorded `deltas`.
     pub fn mark_flushed(&mut self, deltas: &[CounterDelta]) {
         for d in deltas {
-            if let Some(c) = self.map.get_mut(&d.key)
-                && let Ok(i) = c.buckets.binary_search_by_key(&d.bucket, |b| b.start)
-            {
+            let Some(c) = self.map.get_mut(&d.key) else {
+                continue;
+            };
+            if let Ok(i) = c.buckets.binary_search_by_key(&d.bucket, |b| b.start) {
                 c.buckets[i].unflushed.sub(d.amount);
+            }
+            // The store lowered the lease by the same amount in the same transaction.
+            if let Some(u) = d.lease
+                && c.lease.epoch == u.epoch
+                && c.lease.unit == Some(u.unit)
+            {
+                c.lease.granted = c.lease.granted.saturating_sub(d.amount.in_unit(u.unit));
             }
         }
     }
@@ -607,7 +882,7 @@ fn pick_binding_denial(denials: Vec<Denial>) -> Option<Denial> {
     let rank = |d: &Denial| match d.reason {
         DenyReason::ModelNotPriced => 2,
         DenyReason::NeverFits => 1,
-        DenyReason::Exhausted => 0,
+        DenyReason::Exhausted | DenyReason::NeedsLease => 0,
     };
     denials.into_iter().max_by(|a, b| {
         rank(a)
@@ -661,6 +936,7 @@ mod tests {
                 output,
                 ..Default::default()
             },
+            lease: LeaseStep::Acquire,
         }
     }
 
@@ -906,5 +1182,151 @@ mod tests {
             .0,
             tokens(510)
         );
+    }
+
+    fn leased(limit: u64) -> Policy {
+        let mut p = policy(vec![budget(
+            "pool",
+            SubjectKind::Everyone,
+            "",
+            Limit::Tokens(Tokens(limit)),
+        )]);
+        p.lease_mode = true;
+        p
+    }
+
+    fn need_of(a: Admission) -> LeaseNeed {
+        match a {
+            Admission::Pending { mut needs } => {
+                assert_eq!(needs.len(), 1);
+                needs.remove(0)
+            }
+            other => panic!("expected a lease ask, got {other:?}"),
+        }
+    }
+
+    fn reservation_of(a: Admission) -> Reservation {
+        match a {
+            Admission::Allowed { reservation, .. } => reservation,
+            other => panic!("expected an admission, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leased_budget_admits_only_within_its_lease() {
+        let p = leased(1000);
+        let mut c = Counters::default();
+        let alice = Principal::user("alice");
+        let now_ms = now().timestamp_millis();
+        // No lease yet: ask for exactly what the request needs.
+        let need = need_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        assert_eq!(
+            (need.want, need.limit, need.unit),
+            (100, 1000, Unit::Tokens)
+        );
+        c.grant_lease(&need, 250, 0, now_ms, now_ms + 7_500, now_ms + 250);
+        let r1 = reservation_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        let r2 = reservation_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        // 50 left in the lease: the third request needs 50 more, though the budget has 800.
+        let need = need_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        assert_eq!(need.want, 50);
+        let mut final_ask = ask(&alice, "m", 20, 80);
+        final_ask.lease = LeaseStep::Final;
+        assert!(matches!(
+            c.admit(&p, &final_ask, now()),
+            Admission::Denied { denial, .. } if denial.reason == DenyReason::Exhausted
+        ));
+        // Settling moves usage from reserved to unflushed: still inside the lease.
+        let deltas = c.settle(&r1, tokens(100), now(), chrono_tz::UTC);
+        assert_eq!(
+            deltas[0].lease,
+            Some(LeaseUse {
+                epoch: need.epoch,
+                unit: Unit::Tokens
+            })
+        );
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 20, 80), now()),
+            Admission::Pending { .. }
+        ));
+        // The store records the debit and lowers the lease by as much: headroom is unchanged.
+        c.mark_flushed(&deltas);
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 20, 80), now()),
+            Admission::Pending { .. }
+        ));
+        c.release(&r2);
+        let r3 = reservation_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        assert_eq!(r3.entries[0].leased, Some(Unit::Tokens));
+        // Bypass (store down, no_state = allow) decides on the global view alone.
+        let mut bypass = ask(&alice, "m", 20, 80);
+        bypass.lease = LeaseStep::Bypass;
+        assert!(matches!(
+            c.admit(&p, &bypass, now()),
+            Admission::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_short_grant_denies_at_once_until_the_backoff_passes() {
+        let p = leased(1000);
+        let mut c = Counters::default();
+        let alice = Principal::user("alice");
+        let now_ms = now().timestamp_millis();
+        let need = need_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        // Other replicas hold everything: nothing granted.
+        c.grant_lease(&need, 0, 1000, now_ms, now_ms + 7_500, now_ms + 250);
+        match c.admit(&p, &ask(&alice, "m", 20, 80), now()) {
+            Admission::Denied { denial, .. } => {
+                assert_eq!(denial.reason, DenyReason::Exhausted);
+                assert_eq!(
+                    denial.status.reserved, 1000,
+                    "held by others is shown as reserved"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let later = now() + chrono::Duration::milliseconds(300);
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 20, 80), later),
+            Admission::Pending { .. }
+        ));
+    }
+
+    #[test]
+    fn idle_headroom_is_taken_off_before_it_is_given_back_and_lapsed_leases_are_dropped() {
+        let p = leased(1000);
+        let mut c = Counters::default();
+        let alice = Principal::user("alice");
+        let now_ms = now().timestamp_millis();
+        let need = need_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        c.grant_lease(&need, 400, 0, now_ms, now_ms + 7_500, now_ms + 250);
+        let r = reservation_of(c.admit(&p, &ask(&alice, "m", 20, 80), now()));
+        // Used just now: not idle.
+        assert!(c.take_idle_lease_headroom(now_ms, now_ms + 1).is_empty());
+        // Idle: the 300 not reserved go back; the 100 in flight stay covered.
+        let back = c.take_idle_lease_headroom(now_ms + 1, now_ms + 1);
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].2, 300);
+        c.settle(&r, tokens(100), now(), chrono_tz::UTC);
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 20, 80), now()),
+            Admission::Pending { .. }
+        ));
+        // The store refused the release: the headroom is usable again.
+        c.restore_lease_headroom(&back[0].0, back[0].1, 300);
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 20, 80), now()),
+            Admission::Allowed { .. }
+        ));
+        // Past its validity the lease is gone.
+        let (live, lapsed) = c.leases(now_ms + 8_000);
+        assert!(live.is_empty());
+        assert_eq!(lapsed.len(), 1);
+        let after = now() + chrono::Duration::milliseconds(8_000);
+        assert!(matches!(
+            c.admit(&p, &ask(&alice, "m", 20, 80), after),
+            Admission::Pending { .. }
+        ));
     }
 }

@@ -24,7 +24,7 @@ use chrono_tz::Tz;
 
 pub use admission::{
     Admission, Amount, Ask, BudgetStatus, Considered, CounterDelta, CounterKey, Counters, Denial,
-    DenyReason, Evaluation, Held, Reservation,
+    DenyReason, Evaluation, Held, LeaseNeed, LeaseStep, LeaseUse, Reservation,
 };
 pub use budget::{
     Action, Budget, BudgetError, BudgetId, Limit, ModelSet, Principal, PrincipalKind, Scope,
@@ -79,6 +79,8 @@ pub struct Policy {
     /// (`user:alice`); added to the groups the identity source reported.
     pub members: HashMap<String, Vec<String>>,
     pub models: ModelAliases,
+    /// Lease mode: enforced budgets admit against this replica's lease of their headroom.
+    pub lease_mode: bool,
     /// Unique per snapshot built by [`Policy::new`]: what cached matches are keyed by. A policy
     /// is not changed once decisions use it.
     generation: u64,
@@ -95,6 +97,7 @@ impl Policy {
             unpriced,
             members: HashMap::new(),
             models: ModelAliases::standard(),
+            lease_mode: false,
             generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Datelike, Duration, TimeZone, Utc, Weekday};
 use chrono_tz::Tz;
 use proptest::prelude::*;
 
-use super::admission::{Admission, Amount, Ask, Counters};
+use super::admission::{Admission, Amount, Ask, Counters, LeaseStep};
 use super::budget::tests::budget;
 use super::budget::{Limit, Principal, SubjectKind};
 use super::money::{NanoUsd, Price, TokenClasses, Tokens};
@@ -111,7 +111,7 @@ proptest! {
         b.window = w;
         let policy = Policy::new(vec![b], PriceBook::default(), chrono_tz::UTC, UnpricedModel::Deny);
         let p = Principal::user("a");
-        let ask = Ask { principal: &p, model: Some("m"), estimate: TokenClasses { input: 1, ..Default::default() } };
+        let ask = Ask { principal: &p, model: Some("m"), estimate: TokenClasses { input: 1, ..Default::default() }, lease: LeaseStep::Acquire };
         let mut c = Counters::default();
         let Admission::Allowed { reservation, .. } = c.admit(&policy, &ask, u) else { panic!() };
         c.settle(&reservation, Amount { tokens: 100, nanos: 0 }, u, chrono_tz::UTC);
@@ -133,7 +133,7 @@ proptest! {
         b.window = w;
         let policy = Policy::new(vec![b], PriceBook::default(), tz, UnpricedModel::Deny);
         let p = Principal::user("a");
-        let ask = Ask { principal: &p, model: None, estimate: TokenClasses { input: 60, ..Default::default() } };
+        let ask = Ask { principal: &p, model: None, estimate: TokenClasses { input: 60, ..Default::default() }, lease: LeaseStep::Acquire };
         let mut c = Counters::default();
         let Admission::Allowed { reservation, .. } = c.admit(&policy, &ask, t) else { panic!() };
         c.settle(&reservation, Amount { tokens: 60, nanos: 0 }, t, tz);

@@ -136,6 +136,15 @@ impl Window {
         }
     }
 
+    /// What a lease on this window is for: the calendar window containing `now` (a new window
+    /// needs a new lease), or 0 for rolling and lifetime windows (one lease, used amounts age out).
+    pub fn lease_epoch(&self, now: DateTime<Utc>, tz: Tz) -> i64 {
+        match self {
+            Window::Calendar { .. } => self.bounds(now, tz).bucket(),
+            Window::Rolling { .. } | Window::Total => 0,
+        }
+    }
+
     /// The oldest bucket that still counts at `now`.
     pub fn oldest_counted(&self, now: DateTime<Utc>, tz: Tz) -> i64 {
         match self.rolling() {

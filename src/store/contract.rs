@@ -57,6 +57,8 @@ contract!(
     deny_events_filter_and_page_newest_first,
     principals_and_models_seen_are_searchable,
     usage_filters_by_principal_set_and_weeks_start_monday,
+    leases_never_exceed_the_limit_across_replicas,
+    concurrent_lease_grants_are_serialised,
 );
 
 fn who(ts_ms: i64) -> Actor {
@@ -174,6 +176,7 @@ async fn a_batch_is_applied_once_per_event(s: Store) {
         key: key("B", member),
         bucket: 100,
         amount: amount(t),
+        lease: None,
     };
     let batch = Batch {
         debits: vec![
@@ -597,4 +600,111 @@ async fn usage_filters_by_principal_set_and_weeks_start_monday(s: Store) {
             .unwrap()
             .is_empty()
     );
+}
+
+fn lease_ask(want: u64, share_permille: u32, now_ms: i64) -> LeaseRequest {
+    LeaseRequest {
+        key: key("L", ""),
+        epoch: 100,
+        oldest: 100,
+        unit: Unit::Tokens,
+        limit: 1000,
+        want,
+        share_permille,
+        now_ms,
+        expires_ms: now_ms + 10_000,
+    }
+}
+
+async fn leases_never_exceed_the_limit_across_replicas(a: Store) {
+    let b = a.reopen().await.unwrap();
+    assert_ne!(a.holder(), b.holder());
+    let t = 1_000_000;
+    // a takes half of what is free, b half of the rest.
+    let g = a.acquire_lease(&lease_ask(100, 500, t)).await.unwrap();
+    assert_eq!((g.granted, g.used, g.others), (500, 0, 0));
+    let g = b.acquire_lease(&lease_ask(100, 500, t)).await.unwrap();
+    assert_eq!((g.granted, g.others), (250, 500));
+    // 250 free: an ask for 300 gets nothing (no partial grants that cannot be used).
+    assert_eq!(
+        b.acquire_lease(&lease_ask(300, 0, t))
+            .await
+            .unwrap()
+            .granted,
+        0
+    );
+    // a's debit of 200 moves from its lease to used, in the same transaction.
+    let delta = CounterDelta {
+        key: key("L", ""),
+        bucket: 100,
+        amount: Amount {
+            tokens: 200,
+            nanos: 0,
+        },
+        lease: Some(crate::policy::LeaseUse {
+            epoch: 100,
+            unit: Unit::Tokens,
+        }),
+    };
+    let batch = Batch {
+        debits: vec![debit("lease-1", t, "user:a", 200, vec![delta])],
+        denies: vec![],
+    };
+    a.write_batch(&batch).await.unwrap();
+    // A replay changes nothing.
+    a.write_batch(&batch).await.unwrap();
+    let g = b.acquire_lease(&lease_ask(250, 0, t)).await.unwrap();
+    assert_eq!((g.granted, g.used, g.others), (250, 200, 300));
+    assert_eq!(
+        b.acquire_lease(&lease_ask(1, 0, t)).await.unwrap().granted,
+        0
+    );
+    // a gives its 300 back: b can have them.
+    a.release_lease(&key("L", ""), 100, 300).await.unwrap();
+    assert_eq!(
+        b.acquire_lease(&lease_ask(300, 0, t))
+            .await
+            .unwrap()
+            .granted,
+        300
+    );
+    // Renewal extends live leases only; once b's lapse, a may take everything not used.
+    let renewed = b
+        .renew_leases(&[(key("L", ""), 100)], t + 1, t + 5_000)
+        .await
+        .unwrap();
+    assert_eq!(renewed, vec![(key("L", ""), 100)]);
+    let later = t + 6_000;
+    assert!(
+        b.renew_leases(&[(key("L", ""), 100)], later, later + 10_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let g = a.acquire_lease(&lease_ask(800, 0, later)).await.unwrap();
+    assert_eq!((g.granted, g.used, g.others), (800, 200, 0));
+    // Another window of the same budget has its own leases.
+    let mut next = lease_ask(1000, 0, later);
+    next.epoch = 200;
+    next.oldest = 200;
+    assert_eq!(b.acquire_lease(&next).await.unwrap().granted, 1000);
+}
+
+async fn concurrent_lease_grants_are_serialised(a: Store) {
+    let b = a.reopen().await.unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        set.spawn(async move {
+            s.acquire_lease(&lease_ask(100, 0, 1_000_000))
+                .await
+                .unwrap()
+                .granted
+        });
+    }
+    let mut total = 0;
+    while let Some(g) = set.join_next().await {
+        total += g.unwrap();
+    }
+    assert_eq!(total, 1000, "exactly the limit is granted, never more");
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::policy::{
     Action, Amount, Budget, BudgetId, CounterDelta, CounterKey, Limit, ModelSet, NanoUsd, Price,
-    Scope, Subject, SubjectKind, Tokens, Window, WindowUnit,
+    Scope, Subject, SubjectKind, Tokens, Unit, Window, WindowUnit,
 };
 
 pub use postgres::PgStore;
@@ -211,6 +211,48 @@ impl DenyQuery {
     }
 }
 
+/// A replica asks for (more of) a lease on one counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRequest {
+    pub key: CounterKey,
+    pub epoch: i64,
+    /// Used amounts are summed over the counter's buckets from this one on.
+    pub oldest: i64,
+    pub unit: Unit,
+    pub limit: u64,
+    /// At least this much, or nothing.
+    pub want: u64,
+    /// Also take this share (per mille) of what is free, so the next requests need not ask.
+    pub share_permille: u32,
+    pub now_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// What the store granted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub granted: u64,
+    /// Used, in the counter's unit, as stored.
+    pub used: u64,
+    /// Held by other replicas' unexpired leases.
+    pub others: u64,
+}
+
+impl LeaseRequest {
+    /// The grant rule, given what the store holds: `want` or more if it fits in what is free
+    /// (`limit − used − every unexpired lease`, this replica's included), else nothing.
+    pub(crate) fn grant(&self, used: u64, leased: u64) -> u64 {
+        let free = self.limit.saturating_sub(used.saturating_add(leased));
+        if free < self.want.max(1) {
+            return 0;
+        }
+        let share =
+            u64::try_from(u128::from(free) * u128::from(self.share_permille.min(1000)) / 1000)
+                .unwrap_or(free);
+        self.want.max(share).min(free)
+    }
+}
+
 /// Which names `seen` searches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -346,6 +388,8 @@ fn member_doc(group: &str, principal: &str) -> Option<String> {
 pub(crate) struct Aggregates {
     pub counters: BTreeMap<(String, i64, String), Amount>,
     pub hourly: BTreeMap<(i64, String, String), (u64, u64, u64)>,
+    /// Lease mode: how much each lease (budget, member, epoch) of this replica covered.
+    pub leases: BTreeMap<(String, String, i64), u64>,
 }
 
 impl Aggregates {
@@ -353,8 +397,18 @@ impl Aggregates {
     pub(crate) fn of<'a>(debits: impl Iterator<Item = &'a Debit>) -> Aggregates {
         let mut counters: BTreeMap<(String, i64, String), Amount> = BTreeMap::new();
         let mut hourly: BTreeMap<(i64, String, String), (u64, u64, u64)> = BTreeMap::new();
+        let mut leases: BTreeMap<(String, String, i64), u64> = BTreeMap::new();
         for d in debits {
             for delta in &d.deltas {
+                if let Some(l) = delta.lease {
+                    let k = (
+                        delta.key.budget.0.to_string(),
+                        delta.key.member.to_string(),
+                        l.epoch,
+                    );
+                    let v = leases.entry(k).or_default();
+                    *v = v.saturating_add(delta.amount.in_unit(l.unit));
+                }
                 let k = (
                     delta.key.budget.0.to_string(),
                     delta.bucket,
@@ -372,7 +426,11 @@ impl Aggregates {
             h.1 = h.1.saturating_add(d.event.tokens());
             h.2 = h.2.saturating_add(d.event.cost.0);
         }
-        Aggregates { counters, hourly }
+        Aggregates {
+            counters,
+            hourly,
+            leases,
+        }
     }
 }
 
@@ -662,6 +720,43 @@ impl Store {
             .find(|(k, b, _)| k == key && *b == bucket)
             .map(|(_, _, a)| a)
             .unwrap_or_default())
+    }
+
+    /// Another connection to the same store, as a second replica would open it (its own
+    /// lease holder id).
+    #[cfg(test)]
+    pub(crate) async fn reopen(&self) -> Result<Store> {
+        Ok(match self {
+            Store::Postgres(s) => Store::Postgres(s.reopen().await?),
+            Store::Sqlite(s) => Store::Sqlite(s.reopen().await?),
+        })
+    }
+
+    /// This process's lease holder id (one per start).
+    pub fn holder(&self) -> &str {
+        dispatch!(self, s => s.holder())
+    }
+
+    /// Grants (more of) a lease to this replica, atomically with every other replica's asks.
+    pub async fn acquire_lease(&self, r: &LeaseRequest) -> Result<LeaseGrant> {
+        dispatch!(self, s => s.acquire_lease(r).await)
+    }
+
+    /// Gives `amount` of this replica's lease back.
+    pub async fn release_lease(&self, key: &CounterKey, epoch: i64, amount: u64) -> Result<()> {
+        dispatch!(self, s => s.release_lease(key, epoch, amount).await)
+    }
+
+    /// Extends this replica's leases that have not expired yet to `expires_ms`; returns those it
+    /// extended (an expired one may have been granted to others meanwhile: it is gone). Also
+    /// deletes leases and lock rows that expired or were idle long ago.
+    pub async fn renew_leases(
+        &self,
+        leases: &[(CounterKey, i64)],
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<Vec<(CounterKey, i64)>> {
+        dispatch!(self, s => s.renew_leases(leases, now_ms, expires_ms).await)
     }
 
     /// The budget named `name`, if any.

@@ -12,10 +12,10 @@ use tokio_postgres::NoTls;
 
 use super::{
     Aggregates, Amount, AuditEntry, AuditQuery, Batch, BatchOutcome, BudgetRow, DenyEvent,
-    DenyQuery, PolicyRows, PriceRow, Result, Seen, StoreError, UsageBy, UsageEvent, UsagePoint,
-    UsageQuery, UsageTotal, to_i64, to_u64,
+    DenyQuery, LeaseGrant, LeaseRequest, PolicyRows, PriceRow, Result, Seen, StoreError, UsageBy,
+    UsageEvent, UsagePoint, UsageQuery, UsageTotal, to_i64, to_u64,
 };
-use crate::policy::{BudgetId, CounterKey, NanoUsd, Price};
+use crate::policy::{BudgetId, CounterKey, NanoUsd, Price, Unit};
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres_0001_init.sql")),
@@ -25,16 +25,33 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("migrations/postgres_0003_cache_write_1h.sql"),
     ),
     (4, include_str!("migrations/postgres_0004_audit.sql")),
+    (5, include_str!("migrations/postgres_0005_leases.sql")),
 ];
 
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
     config: Arc<tokio_postgres::Config>,
+    /// This process's lease holder id.
+    holder: Arc<str>,
     /// The server supports LISTEN/NOTIFY (CockroachDB, for one, does not): policy changes are
     /// then announced to every replica at commit instead of waiting for their next poll.
     notify: Arc<AtomicBool>,
 }
+
+/// Used amount (tokens or nano-USD) of one counter from bucket $3 on, every unexpired lease on it
+/// for epoch $4, and this holder's ($5) part of those, at $6.
+const LEASE_VIEW_TOKENS: &str = "SELECT \
+     (SELECT COALESCE(SUM(tokens), 0)::int8 FROM tb_window_counters WHERE budget_id = $1 AND member = $2 AND bucket_start >= $3), \
+     (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6), \
+     (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6 AND holder = $5)";
+const LEASE_VIEW_NANOS: &str = "SELECT \
+     (SELECT COALESCE(SUM(cost_nanos), 0)::int8 FROM tb_window_counters WHERE budget_id = $1 AND member = $2 AND bucket_start >= $3), \
+     (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6), \
+     (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6 AND holder = $5)";
+/// Expired leases are deleted after an hour, lock rows a day after their last grant.
+const LEASE_KEEP_EXPIRED_MS: i64 = 3_600_000;
+const LEASE_KEEP_HEADS_MS: i64 = 86_400_000;
 
 /// Policy changes are announced on the `tokenbudget_policy` channel.
 const NOTIFY_POLICY: &str = "NOTIFY tokenbudget_policy";
@@ -75,6 +92,7 @@ impl PgStore {
         let store = PgStore {
             pool,
             config: Arc::new(cfg),
+            holder: Arc::from(uuid::Uuid::now_v7().to_string()),
             notify: Arc::new(AtomicBool::new(false)),
         };
         // A down server is not fatal: the replica starts from its snapshot and the writer keeps
@@ -147,6 +165,135 @@ impl PgStore {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn reopen(&self) -> Result<PgStore> {
+        let c = &self.config;
+        let host = match c.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let url = format!(
+            "postgres://{}@{host}:{}/{}",
+            c.get_user().unwrap_or("postgres"),
+            c.get_ports().first().copied().unwrap_or(5432),
+            c.get_dbname().unwrap_or("postgres")
+        );
+        PgStore::connect(&url, 4).await
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    pub async fn acquire_lease(&self, r: &LeaseRequest) -> Result<LeaseGrant> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let (b, m, h) = (&*r.key.budget.0, &*r.key.member, &*self.holder);
+        // The head row is the lock: one grant at a time per counter and window, on any replica.
+        tx.execute(
+            "INSERT INTO tb_lease_heads (budget_id, member, epoch, touched_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (budget_id, member, epoch) DO UPDATE SET touched_ms = EXCLUDED.touched_ms",
+            &[&b, &m, &r.epoch, &r.now_ms],
+        )
+        .await
+        .map_err(db_err)?;
+        // One statement, so used amounts and leases come from one snapshot.
+        let sql = match r.unit {
+            Unit::Tokens => LEASE_VIEW_TOKENS,
+            Unit::Usd => LEASE_VIEW_NANOS,
+        };
+        let row = tx
+            .query_one(sql, &[&b, &m, &r.oldest, &r.epoch, &h, &r.now_ms])
+            .await
+            .map_err(db_err)?;
+        let (used, leased, mine) = (to_u64(row.get(0)), to_u64(row.get(1)), to_u64(row.get(2)));
+        let granted = r.grant(used, leased);
+        if granted > 0 {
+            tx.execute(
+                "INSERT INTO tb_leases (budget_id, member, epoch, holder, amount, expires_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (budget_id, member, epoch, holder) DO UPDATE SET \
+                   amount = CASE WHEN tb_leases.expires_ms > $7 THEN tb_leases.amount ELSE 0 END + EXCLUDED.amount, \
+                   expires_ms = EXCLUDED.expires_ms",
+                &[&b, &m, &r.epoch, &h, &to_i64(granted), &r.expires_ms, &r.now_ms],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(LeaseGrant {
+            granted,
+            used,
+            others: leased.saturating_sub(mine),
+        })
+    }
+
+    pub async fn release_lease(&self, key: &CounterKey, epoch: i64, amount: u64) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE tb_leases SET amount = GREATEST(amount - $5, 0) \
+             WHERE budget_id = $1 AND member = $2 AND epoch = $3 AND holder = $4",
+            &[
+                &&*key.budget.0,
+                &&*key.member,
+                &epoch,
+                &&*self.holder,
+                &to_i64(amount),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn renew_leases(
+        &self,
+        leases: &[(CounterKey, i64)],
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<Vec<(CounterKey, i64)>> {
+        let c = self.client().await?;
+        let b: Vec<&str> = leases.iter().map(|(k, _)| &*k.budget.0).collect();
+        let m: Vec<&str> = leases.iter().map(|(k, _)| &*k.member).collect();
+        let e: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
+        let rows = c
+            .query(
+                "UPDATE tb_leases AS l SET expires_ms = $5 \
+                 FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS q(budget_id, member, epoch) \
+                 WHERE l.budget_id = q.budget_id AND l.member = q.member AND l.epoch = q.epoch \
+                   AND l.holder = $4 AND l.expires_ms > $6 \
+                 RETURNING l.budget_id, l.member, l.epoch",
+                &[&b, &m, &e, &&*self.holder, &expires_ms, &now_ms],
+            )
+            .await
+            .map_err(db_err)?;
+        c.execute(
+            "DELETE FROM tb_leases WHERE expires_ms < $1",
+            &[&(now_ms - LEASE_KEEP_EXPIRED_MS)],
+        )
+        .await
+        .map_err(db_err)?;
+        c.execute(
+            "DELETE FROM tb_lease_heads WHERE touched_ms < $1",
+            &[&(now_ms - LEASE_KEEP_HEADS_MS)],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let (b, m): (String, String) = (r.get(0), r.get(1));
+                (
+                    CounterKey {
+                        budget: BudgetId(b.into()),
+                        member: m.into(),
+                    },
+                    r.get(2),
+                )
+            })
+            .collect())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -404,6 +551,25 @@ impl PgStore {
                        tokens = tb_usage_hourly.tokens + EXCLUDED.tokens, \
                        cost_nanos = tb_usage_hourly.cost_nanos + EXCLUDED.cost_nanos",
                     &[&h, &p, &m, &r, &t, &n],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+            if !agg.leases.is_empty() {
+                // The debits this replica's leases covered are now used: the leases shrink by as
+                // much, in the same transaction, so used + leases never double counts them.
+                let (mut b, mut m, mut e, mut u) = (vec![], vec![], vec![], vec![]);
+                for ((budget, member, epoch), used) in &agg.leases {
+                    b.push(budget.as_str());
+                    m.push(member.as_str());
+                    e.push(*epoch);
+                    u.push(to_i64(*used));
+                }
+                tx.execute(
+                    "UPDATE tb_leases AS l SET amount = GREATEST(l.amount - q.used, 0) \
+                     FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[]) AS q(budget_id, member, epoch, used) \
+                     WHERE l.budget_id = q.budget_id AND l.member = q.member AND l.epoch = q.epoch AND l.holder = $5",
+                    &[&b, &m, &e, &u, &&*self.holder],
                 )
                 .await
                 .map_err(db_err)?;

@@ -8,22 +8,38 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Aggregates, Amount, AuditEntry, AuditQuery, Batch, BatchOutcome, BudgetRow, DenyEvent,
-    DenyQuery, PolicyRows, PriceRow, Result, Seen, StoreError, UsageBy, UsageEvent, UsagePoint,
-    UsageQuery, UsageTotal, to_i64, to_u64,
+    DenyQuery, LeaseGrant, LeaseRequest, PolicyRows, PriceRow, Result, Seen, StoreError, UsageBy,
+    UsageEvent, UsagePoint, UsageQuery, UsageTotal, to_i64, to_u64,
 };
-use crate::policy::{Budget, BudgetId, CounterKey, NanoUsd, Price};
+use crate::policy::{Budget, BudgetId, CounterKey, NanoUsd, Price, Unit};
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/sqlite_0001_init.sql")),
     (2, include_str!("migrations/sqlite_0002_policy.sql")),
     (3, include_str!("migrations/sqlite_0003_cache_write_1h.sql")),
     (4, include_str!("migrations/sqlite_0004_audit.sql")),
+    (5, include_str!("migrations/sqlite_0005_leases.sql")),
 ];
 
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// This process's lease holder id.
+    holder: Arc<str>,
 }
+
+/// See the Postgres backend: used amount of a counter from bucket ?3 on, unexpired leases of
+/// epoch ?4 at ?6, and holder ?5's part.
+const LEASE_VIEW_TOKENS: &str = "SELECT \
+     (SELECT COALESCE(SUM(tokens), 0) FROM tb_window_counters WHERE budget_id = ?1 AND member = ?2 AND bucket_start >= ?3), \
+     (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6), \
+     (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6 AND holder = ?5)";
+const LEASE_VIEW_NANOS: &str = "SELECT \
+     (SELECT COALESCE(SUM(cost_nanos), 0) FROM tb_window_counters WHERE budget_id = ?1 AND member = ?2 AND bucket_start >= ?3), \
+     (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6), \
+     (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6 AND holder = ?5)";
+const LEASE_KEEP_EXPIRED_MS: i64 = 3_600_000;
+const LEASE_KEEP_HEADS_MS: i64 = 86_400_000;
 
 fn db_err(e: rusqlite::Error) -> StoreError {
     if let rusqlite::Error::SqliteFailure(f, msg) = &e
@@ -50,7 +66,137 @@ impl SqliteStore {
         .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            holder: Arc::from(uuid::Uuid::now_v7().to_string()),
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn reopen(&self) -> Result<SqliteStore> {
+        let path = {
+            let c = self
+                .conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            c.path().map(std::path::PathBuf::from)
+        };
+        match path {
+            Some(p) => SqliteStore::open(&p).await,
+            None => Err(StoreError::Unavailable("in-memory database".into())),
+        }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    pub async fn acquire_lease(&self, r: &LeaseRequest) -> Result<LeaseGrant> {
+        let r = r.clone();
+        let holder = Arc::clone(&self.holder);
+        self.with(move |c| {
+            // IMMEDIATE: the write lock is taken first, so processes sharing the file grant one
+            // at a time.
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let (b, m, h) = (&*r.key.budget.0, &*r.key.member, &*holder);
+            tx.execute(
+                "INSERT INTO tb_lease_heads (budget_id, member, epoch, touched_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (budget_id, member, epoch) DO UPDATE SET touched_ms = excluded.touched_ms",
+                params![b, m, r.epoch, r.now_ms],
+            )
+            .map_err(db_err)?;
+            let sql = match r.unit {
+                Unit::Tokens => LEASE_VIEW_TOKENS,
+                Unit::Usd => LEASE_VIEW_NANOS,
+            };
+            let (used, leased, mine): (i64, i64, i64) = tx
+                .query_row(sql, params![b, m, r.oldest, r.epoch, h, r.now_ms], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .map_err(db_err)?;
+            let (used, leased, mine) = (to_u64(used), to_u64(leased), to_u64(mine));
+            let granted = r.grant(used, leased);
+            if granted > 0 {
+                tx.execute(
+                    "INSERT INTO tb_leases (budget_id, member, epoch, holder, amount, expires_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (budget_id, member, epoch, holder) DO UPDATE SET \
+                       amount = CASE WHEN tb_leases.expires_ms > ?7 THEN tb_leases.amount ELSE 0 END + excluded.amount, \
+                       expires_ms = excluded.expires_ms",
+                    params![b, m, r.epoch, h, to_i64(granted), r.expires_ms, r.now_ms],
+                )
+                .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(LeaseGrant {
+                granted,
+                used,
+                others: leased.saturating_sub(mine),
+            })
+        })
+        .await
+    }
+
+    pub async fn release_lease(&self, key: &CounterKey, epoch: i64, amount: u64) -> Result<()> {
+        let (key, holder) = (key.clone(), Arc::clone(&self.holder));
+        self.with(move |c| {
+            c.execute(
+                "UPDATE tb_leases SET amount = MAX(amount - ?5, 0) \
+                 WHERE budget_id = ?1 AND member = ?2 AND epoch = ?3 AND holder = ?4",
+                params![
+                    &*key.budget.0,
+                    &*key.member,
+                    epoch,
+                    &*holder,
+                    to_i64(amount)
+                ],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn renew_leases(
+        &self,
+        leases: &[(CounterKey, i64)],
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<Vec<(CounterKey, i64)>> {
+        let (leases, holder) = (leases.to_vec(), Arc::clone(&self.holder));
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let mut renewed = Vec::new();
+            {
+                let mut up = tx
+                    .prepare_cached(
+                        "UPDATE tb_leases SET expires_ms = ?5 \
+                         WHERE budget_id = ?1 AND member = ?2 AND epoch = ?3 AND holder = ?4 AND expires_ms > ?6",
+                    )
+                    .map_err(db_err)?;
+                for (key, epoch) in leases {
+                    let n = up
+                        .execute(params![&*key.budget.0, &*key.member, epoch, &*holder, expires_ms, now_ms])
+                        .map_err(db_err)?;
+                    if n == 1 {
+                        renewed.push((key, epoch));
+                    }
+                }
+            }
+            tx.execute(
+                "DELETE FROM tb_leases WHERE expires_ms < ?1",
+                [now_ms - LEASE_KEEP_EXPIRED_MS],
+            )
+            .map_err(db_err)?;
+            tx.execute(
+                "DELETE FROM tb_lease_heads WHERE touched_ms < ?1",
+                [now_ms - LEASE_KEEP_HEADS_MS],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(renewed)
+        })
+        .await
     }
 
     async fn with<T: Send + 'static>(
@@ -231,6 +377,7 @@ impl SqliteStore {
 
     pub async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome> {
         let batch = batch.clone();
+        let holder = Arc::clone(&self.holder);
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let mut outcome = BatchOutcome::default();
@@ -298,6 +445,18 @@ impl SqliteStore {
                     .map_err(db_err)?;
                 for ((hour, principal, model), (req, tok, nanos)) in &agg.hourly {
                     hr.execute(params![hour, principal, model, to_i64(*req), to_i64(*tok), to_i64(*nanos)])
+                        .map_err(db_err)?;
+                }
+                // Lease mode: what the leases covered is now used; they shrink by as much.
+                let mut lease = tx
+                    .prepare_cached(
+                        "UPDATE tb_leases SET amount = MAX(amount - ?5, 0) \
+                         WHERE budget_id = ?1 AND member = ?2 AND epoch = ?3 AND holder = ?4",
+                    )
+                    .map_err(db_err)?;
+                for ((budget, member, epoch), used) in &agg.leases {
+                    lease
+                        .execute(params![budget, member, epoch, &*holder, to_i64(*used)])
                         .map_err(db_err)?;
                 }
                 let mut den = tx

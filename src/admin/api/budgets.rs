@@ -12,8 +12,8 @@ use crate::admin::AdminState;
 use crate::admin::auth::Caller;
 use crate::admin::problem::{ApiJson, ApiQuery, Problem};
 use crate::policy::{
-    Admission, Ask, Budget, BudgetSpec, BudgetStatus, DenyReason, NanoUsd, Principal, TokenClasses,
-    Window, principal_key,
+    Admission, Ask, Budget, BudgetSpec, BudgetStatus, DenyReason, LeaseStep, NanoUsd, Principal,
+    TokenClasses, Window, principal_key,
 };
 
 /// A budget as stored: its spec and id, and where it stands now.
@@ -610,11 +610,14 @@ pub async fn check(
             output: r.max_output_tokens.unwrap_or(s.default_output_tokens),
             ..Default::default()
         },
+        // A dry run shows the global view; leases are a replica's private bookkeeping.
+        lease: LeaseStep::Bypass,
     };
     let ev = s.ledger.evaluate(&ask);
     let (decision, binding) = match ev.outcome() {
         Admission::Allowed { binding, .. } => ("allow", binding.map(|b| b.name)),
         Admission::Denied { denial, .. } => ("deny", Some(denial.status.name)),
+        Admission::Pending { .. } => ("allow", None),
     };
     let budgets = ev
         .considered
