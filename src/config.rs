@@ -234,7 +234,7 @@ impl Default for RawLedger {
             mode: "sync".into(),
             lease_share_percent: 20,
             lease_ttl_ms: 10_000,
-            lease_wait_ms: 100,
+            lease_wait_ms: 150,
         }
     }
 }

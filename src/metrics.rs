@@ -79,6 +79,8 @@ pub struct Metrics {
     /// or held by other replicas).
     lease_full: Counter,
     lease_short: Counter,
+    /// Time from a lease ask to the store's answer (one store transaction, plus the queue).
+    pub lease_seconds: Histogram,
     /// Decisions whose matching budgets were remembered (hit) or computed (miss).
     match_hits: Counter,
     match_misses: Counter,
@@ -240,6 +242,12 @@ impl Metrics {
             "Lease grants from the store: full (what was asked) or short (the budget is spent or held by other replicas)",
             leases,
         );
+        let lease_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 14));
+        registry.register(
+            "lease_grant_seconds",
+            "Time to get a lease grant from the store",
+            lease_seconds.clone(),
+        );
         let match_cache = Family::<CacheResult, Counter>::default();
         let match_hits = match_cache
             .get_or_create(&CacheResult { result: "hit" })
@@ -258,6 +266,7 @@ impl Metrics {
             match_misses,
             lease_full,
             lease_short,
+            lease_seconds,
             reservations_expired,
             journal_errors,
             journal_sync_seconds,

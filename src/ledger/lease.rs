@@ -13,7 +13,7 @@
 //! and added to it only after the store granted it: the local lease never exceeds the store's.
 //! **Boundary:** the request path only sends asks (never awaits the store); waiting is bounded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ impl Default for LeaseConfig {
         LeaseConfig {
             share_permille: 200,
             ttl: Duration::from_secs(10),
-            wait: Duration::from_millis(100),
+            wait: Duration::from_millis(150),
         }
     }
 }
@@ -106,7 +106,28 @@ impl LeaseClient {
     }
 }
 
+/// The asks on one lease: what the neediest one needs, what all need together, who waits.
+struct Group {
+    need: LeaseNeed,
+    wish: u64,
+    waiters: Vec<oneshot::Sender<bool>>,
+}
+
+impl Group {
+    fn add(&mut self, a: Asked) {
+        self.need.want = self.need.want.max(a.need.want);
+        self.wish = self.wish.saturating_add(a.need.want).min(self.need.limit);
+        self.waiters.extend(a.done);
+    }
+}
+
+type LeaseId = (CounterKey, i64);
+
 /// Runs until `shutdown`, then gives back every lease's free headroom.
+///
+/// One grant is in flight per lease at a time; asks that arrive meanwhile are merged into the
+/// next one (the store would serialise them on its lock row anyway, one transaction each).
+/// Grants on different leases run side by side.
 pub async fn run(
     ledger: Arc<Ledger>,
     store: Store,
@@ -116,20 +137,54 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(cfg.ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut queued: HashMap<LeaseId, Group> = HashMap::new();
+    let mut inflight: HashSet<LeaseId> = HashSet::new();
+    let mut grants: tokio::task::JoinSet<LeaseId> = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             first = rx.recv() => {
                 let Some(first) = first else { break };
-                let mut batch = vec![first];
+                let mut add = |a: Asked| {
+                    let id = (a.need.key.clone(), a.need.epoch);
+                    queued
+                        .entry(id)
+                        .or_insert_with(|| Group {
+                            need: LeaseNeed { want: 0, ..a.need.clone() },
+                            wish: 0,
+                            waiters: Vec::new(),
+                        })
+                        .add(a);
+                };
+                add(first);
                 while let Ok(a) = rx.try_recv() {
-                    batch.push(a);
+                    add(a);
                 }
-                grant(&ledger, &store, &cfg, batch).await;
+            }
+            Some(done) = grants.join_next(), if !grants.is_empty() => {
+                if let Ok(id) = done {
+                    inflight.remove(&id);
+                }
             }
             _ = tick.tick() => maintain(&ledger, &store, &cfg).await,
             _ = shutdown.changed() => break,
         }
+        let ready: Vec<LeaseId> = queued
+            .keys()
+            .filter(|id| !inflight.contains(*id))
+            .cloned()
+            .collect();
+        for id in ready {
+            if let Some(group) = queued.remove(&id) {
+                inflight.insert(id.clone());
+                let (l, s) = (Arc::clone(&ledger), store.clone());
+                grants.spawn(async move {
+                    grant(&l, &s, &cfg, group).await;
+                    id
+                });
+            }
+        }
     }
+    grants.shutdown().await;
     let now_ms = ledger.clock().now().timestamp_millis();
     give_back(&ledger, &store, i64::MAX, now_ms).await;
 }
@@ -138,70 +193,56 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-async fn grant(ledger: &Ledger, store: &Store, cfg: &LeaseConfig, batch: Vec<Asked>) {
-    type Waiters = Vec<oneshot::Sender<bool>>;
-    let mut groups: HashMap<(CounterKey, i64), (LeaseNeed, Waiters)> = HashMap::new();
-    for a in batch {
-        let k = (a.need.key.clone(), a.need.epoch);
-        let g = groups.entry(k).or_insert_with(|| {
-            (
-                LeaseNeed {
-                    want: 0,
-                    ..a.need.clone()
-                },
-                Vec::new(),
-            )
-        });
-        g.0.want = g.0.want.saturating_add(a.need.want).min(g.0.limit);
-        g.1.extend(a.done);
-    }
+async fn grant(ledger: &Ledger, store: &Store, cfg: &LeaseConfig, group: Group) {
+    let Group {
+        need,
+        wish,
+        waiters,
+    } = group;
     let now_ms = ledger.clock().now().timestamp_millis();
     let ttl = ms(cfg.ttl);
-    let mut set = tokio::task::JoinSet::new();
-    for (need, waiters) in groups.into_values() {
-        let store = store.clone();
-        let req = LeaseRequest {
-            key: need.key.clone(),
-            epoch: need.epoch,
-            oldest: need.oldest,
-            unit: need.unit,
-            limit: need.limit,
-            want: need.want,
-            share_permille: cfg.share_permille,
-            now_ms,
-            expires_ms: now_ms + ttl,
-        };
-        set.spawn(async move { (need, waiters, store.acquire_lease(&req).await) });
-    }
-    while let Some(joined) = set.join_next().await {
-        let Ok((need, waiters, result)) = joined else {
-            continue;
-        };
-        let answered = match result {
-            Ok(g) => {
-                ledger.metrics.lease_grant(g.granted >= need.want);
-                ledger.with_counters(|c| {
-                    c.grant_lease(
-                        &need,
-                        g.granted,
-                        g.others,
-                        now_ms,
-                        // Lapses here a quarter TTL before it can lapse in the store.
-                        now_ms + ttl - ttl / 4,
-                        now_ms + SHORT_BACKOFF_MS,
-                    )
-                });
-                true
-            }
-            Err(e) => {
-                ledger.metrics.store_errors.inc();
-                tracing::warn!(error = %e, "lease grant failed");
-                false
-            }
-        };
-        for w in waiters {
-            let _ = w.send(answered);
+    let req = LeaseRequest {
+        key: need.key.clone(),
+        epoch: need.epoch,
+        oldest: need.oldest,
+        unit: need.unit,
+        limit: need.limit,
+        want: need.want,
+        wish,
+        share_permille: cfg.share_permille,
+        now_ms,
+        expires_ms: now_ms + ttl,
+    };
+    let started = std::time::Instant::now();
+    let result = store.acquire_lease(&req).await;
+    ledger
+        .metrics
+        .lease_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let answered = match result {
+        Ok(g) => {
+            ledger.metrics.lease_grant(g.granted >= need.want);
+            ledger.with_counters(|c| {
+                c.grant_lease(
+                    &need,
+                    g.granted,
+                    g.others,
+                    now_ms,
+                    // Lapses here a quarter TTL before it can lapse in the store.
+                    now_ms + ttl - ttl / 4,
+                    now_ms + SHORT_BACKOFF_MS,
+                )
+            });
+            true
         }
+        Err(e) => {
+            ledger.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "lease grant failed");
+            false
+        }
+    };
+    for w in waiters {
+        let _ = w.send(answered);
     }
 }
 

@@ -610,6 +610,7 @@ fn lease_ask(want: u64, share_permille: u32, now_ms: i64) -> LeaseRequest {
         unit: Unit::Tokens,
         limit: 1000,
         want,
+        wish: want,
         share_permille,
         now_ms,
         expires_ms: now_ms + 10_000,

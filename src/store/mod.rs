@@ -220,8 +220,10 @@ pub struct LeaseRequest {
     pub oldest: i64,
     pub unit: Unit,
     pub limit: u64,
-    /// At least this much, or nothing.
+    /// At least this much, or nothing (what one waiting request needs).
     pub want: u64,
+    /// As much as this if it is free (what every waiting request needs together).
+    pub wish: u64,
     /// Also take this share (per mille) of what is free, so the next requests need not ask.
     pub share_permille: u32,
     pub now_ms: i64,
@@ -239,8 +241,9 @@ pub struct LeaseGrant {
 }
 
 impl LeaseRequest {
-    /// The grant rule, given what the store holds: `want` or more if it fits in what is free
-    /// (`limit − used − every unexpired lease`, this replica's included), else nothing.
+    /// The grant rule, given what the store holds: nothing unless `want` fits in what is free
+    /// (`limit − used − every unexpired lease`, this replica's included); else `wish` or the
+    /// share of what is free, whichever is more, within what is free.
     pub(crate) fn grant(&self, used: u64, leased: u64) -> u64 {
         let free = self.limit.saturating_sub(used.saturating_add(leased));
         if free < self.want.max(1) {
@@ -249,7 +252,7 @@ impl LeaseRequest {
         let share =
             u64::try_from(u128::from(free) * u128::from(self.share_permille.min(1000)) / 1000)
                 .unwrap_or(free);
-        self.want.max(share).min(free)
+        self.wish.max(self.want).max(share).min(free)
     }
 }
 

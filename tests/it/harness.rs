@@ -86,6 +86,16 @@ impl Envoy {
     /// Runs a shipped config with its fixed ports replaced: listener and admin by 0, the upstream
     /// and tokenbudget clusters by the given addresses.
     pub async fn start(config: &str, upstream: SocketAddr, tokenbudget: SocketAddr) -> Envoy {
+        Envoy::start_multi(config, upstream, &[tokenbudget]).await
+    }
+
+    /// As [`Envoy::start`], with the tokenbudget cluster spread over several replicas (Envoy
+    /// balances its ext_proc streams round robin).
+    pub async fn start_multi(
+        config: &str,
+        upstream: SocketAddr,
+        tokenbudgets: &[SocketAddr],
+    ) -> Envoy {
         let text = std::fs::read_to_string(repo_path(config)).unwrap();
         let text = replace_once(&text, "port_value: 9901 }", "port_value: 0 }");
         let text = replace_once(&text, "port_value: 10000 }", "port_value: 0 }");
@@ -94,11 +104,12 @@ impl Envoy {
             "port_value: 8000 }",
             &format!("port_value: {} }}", upstream.port()),
         );
-        let text = replace_once(
-            &text,
-            "port_value: 9002 }",
-            &format!("port_value: {} }}", tokenbudget.port()),
-        );
+        let endpoint = "        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 9002 } } }";
+        let endpoints: Vec<String> = tokenbudgets
+            .iter()
+            .map(|a| endpoint.replace("port_value: 9002", &format!("port_value: {}", a.port())))
+            .collect();
+        let text = replace_once(&text, endpoint, &endpoints.join("\n"));
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("envoy.yaml");
         std::fs::write(&cfg, text).unwrap();
@@ -243,6 +254,15 @@ impl Stack {
 
     /// With the sidecar reading time from `clock` (a `ManualClock` drives windows in tests).
     pub async fn start_full(backend: Backend, extra: &str, clock: SharedClock) -> Stack {
+        Stack::start_all(backend, "", extra, clock).await
+    }
+
+    /// `ledger` lines are set in (or override) the sidecar's `[ledger]` table.
+    pub async fn start_ledger(backend: Backend, ledger: &str, extra: &str) -> Stack {
+        Stack::start_all(backend, ledger, extra, Arc::new(SystemClock)).await
+    }
+
+    async fn start_all(backend: Backend, ledger: &str, extra: &str, clock: SharedClock) -> Stack {
         init_tracing();
         let (store_toml, guard) = match backend {
             Backend::Postgres => {
@@ -261,14 +281,7 @@ impl Stack {
             }
         };
         let journal = tempfile::tempdir().unwrap();
-        let config = format!(
-            "[server]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_seconds = 10\n\
-             [store]\n{store_toml}\n\
-             [ledger]\nflush_interval_ms = 20\nsync_interval_ms = 100\nrefresh_interval_ms = 100\njournal_dir = \"{}\"\n\
-             {extra}\n{}",
-            journal.path().display(),
-            admin_tokens_toml()
-        );
+        let config = sidecar_toml(&store_toml, journal.path(), ledger, extra);
         let sidecar = start_sidecar(&config, &clock).await;
         let grpc_addr = sidecar.grpc_addr;
         let store = sidecar.store.clone();
@@ -374,6 +387,35 @@ impl Stack {
     }
 }
 
+/// A sidecar config as the tests run it: ports 0 (in process) unless `extra` sets them, fast
+/// flushes and syncs, the journal in `journal`, `ledger` added to `[ledger]`, `extra` appended.
+pub fn sidecar_toml(store_toml: &str, journal: &Path, ledger: &str, extra: &str) -> String {
+    let journal = format!("\"{}\"", journal.display());
+    let defaults = [
+        ("flush_interval_ms", "20"),
+        ("sync_interval_ms", "100"),
+        ("refresh_interval_ms", "100"),
+        ("journal_dir", journal.as_str()),
+    ];
+    let set: Vec<&str> = ledger
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+        .collect();
+    let mut table = String::new();
+    for (k, v) in defaults {
+        if !set.contains(&k) {
+            table.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    format!(
+        "[server]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_seconds = 10\n\
+         [store]\n{store_toml}\n\
+         [ledger]\n{table}{ledger}\n\
+         {extra}\n{}",
+        admin_tokens_toml()
+    )
+}
+
 /// The admin API tokens every test stack accepts.
 pub const ADMIN_TOKEN: &str = "tb_test_admin_token_0123456789";
 pub const VIEWER_TOKEN: &str = "tb_test_viewer_token_0123456789";
@@ -402,7 +444,7 @@ impl Stack {
     }
 }
 
-async fn start_sidecar(config: &str, clock: &SharedClock) -> Running {
+pub async fn start_sidecar(config: &str, clock: &SharedClock) -> Running {
     let cfg = Config::parse(config, &|_| None).unwrap();
     app::start(cfg, Arc::clone(clock)).await.unwrap()
 }
