@@ -165,7 +165,7 @@ async fn run_stream(
         let msg = tokio::select! {
             biased;
             m = inbound.message() => m,
-            _ = abort.wait_for(|a| *a) => break End::Aborted,
+            _ = abort.wait_for(|a| *a) => break End::Shutdown,
             _ = &mut ttl, if ttl_armed => {
                 ttl_armed = false;
                 state.expire_reservation();

@@ -61,6 +61,9 @@ pub enum End {
     Closed,
     /// The stream failed: client disconnect, reset, Envoy gave up.
     Aborted,
+    /// Shutdown's grace period ran out: we stop processing and Envoy finishes the request
+    /// without us, so the rest of the response is unseen — it is charged its reserved bound.
+    Shutdown,
 }
 
 enum Phase {
@@ -99,6 +102,8 @@ pub struct StreamState {
     strip_usage_event: bool,
     /// The settled debit's sequence number in the ledger, once settled.
     settled_seq: Option<u64>,
+    /// Output tokens reserved (the request's bound or the default).
+    output_bound: u64,
     /// Lease mode: the message whose reply waits for a lease.
     waiting: Option<Waiting>,
 }
@@ -133,6 +138,7 @@ impl StreamState {
             response_ended: false,
             strip_usage_event: false,
             settled_seq: None,
+            output_bound: 0,
             waiting: None,
         }
     }
@@ -332,6 +338,7 @@ impl StreamState {
             output = output.min(cap);
         }
         let output = output.saturating_mul(self.facts.choices.max(1));
+        self.output_bound = output;
         let ask = Ask {
             principal,
             model: self.model.as_deref(),
@@ -466,7 +473,7 @@ impl StreamState {
     /// Settles exactly once, however the stream ended. A stream that closes — even cleanly — before
     /// the response body ended was cut short (Envoy closes its side when the client goes away).
     pub fn finish(&mut self, end: End) {
-        let aborted = end == End::Aborted || !self.response_ended;
+        let aborted = end != End::Closed || !self.response_ended;
         let metered = match self.phase {
             Phase::Admitted => None,
             Phase::Metering => self.meter.as_mut().map(Meter::finish),
@@ -476,10 +483,12 @@ impl StreamState {
             }
         };
         self.phase = Phase::Done;
-        self.settle(metered, aborted);
+        self.settle(metered, aborted, end == End::Shutdown);
     }
 
-    fn settle(&mut self, metered: Option<Metered>, aborted: bool) {
+    /// `unseen_rest`: the response goes on without us (shutdown), so an estimate charges the
+    /// reserved output bound rather than only the text seen so far.
+    fn settle(&mut self, metered: Option<Metered>, aborted: bool, unseen_rest: bool) {
         let m = metered.unwrap_or_default();
         let (tokens, reasoning, estimated) = match m.usage {
             Some(u) => (
@@ -493,15 +502,23 @@ impl StreamState {
                 u.reasoning,
                 false,
             ),
-            None => (
-                TokenClasses {
-                    input: self.prompt_estimate,
-                    output: estimate_tokens(m.text_bytes),
-                    ..Default::default()
-                },
-                0,
-                true,
-            ),
+            None => {
+                let seen = estimate_tokens(m.text_bytes);
+                let output = if unseen_rest {
+                    seen.max(self.output_bound)
+                } else {
+                    seen
+                };
+                (
+                    TokenClasses {
+                        input: self.prompt_estimate,
+                        output,
+                        ..Default::default()
+                    },
+                    0,
+                    true,
+                )
+            }
         };
         let outcome = match (aborted, m.upstream_error, m.usage.is_some()) {
             (true, _, _) => "aborted",
