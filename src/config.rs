@@ -169,6 +169,7 @@ struct RawAdmission {
     inject_include_usage: bool,
     always_read_body: bool,
     no_state: String,
+    max_body_bytes: u64,
 }
 
 impl Default for RawAdmission {
@@ -182,6 +183,7 @@ impl Default for RawAdmission {
             inject_include_usage: d.inject_include_usage,
             always_read_body: d.always_read_body,
             no_state: "deny".into(),
+            max_body_bytes: d.max_body_bytes,
         }
     }
 }
@@ -460,6 +462,9 @@ impl Config {
                 ));
             }
         };
+        if a.max_body_bytes < 1024 {
+            return Err(err("admission.max_body_bytes", "must be at least 1024"));
+        }
         if raw.metering.max_event_bytes < 1024 {
             return Err(err("metering.max_event_bytes", "must be at least 1024"));
         }
@@ -617,6 +622,7 @@ impl Config {
                 reservation_ttl: Duration::from_secs(l.reservation_ttl_seconds),
                 durable_settle: l.durable_settle,
                 no_state,
+                max_body_bytes: a.max_body_bytes,
             },
             timezone,
             unpriced,

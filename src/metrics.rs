@@ -67,6 +67,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Debits queued beyond the soft capacity (kept, never dropped).
     pub queue_overflow: Counter,
+    /// Requests decided from their headers because their body was too large to read.
+    pub bodies_not_read: Counter,
     /// Reservations given back because their stream outlived `ledger.reservation_ttl_seconds`.
     pub reservations_expired: Counter,
     /// Journal writes that failed (records kept in memory), time per group write + sync, bytes on
@@ -200,6 +202,12 @@ impl Metrics {
             "Debits queued beyond the soft capacity",
             queue_overflow.clone(),
         );
+        let bodies_not_read = Counter::default();
+        registry.register(
+            "bodies_not_read",
+            "Requests whose body was larger than admission.max_body_bytes: decided from their headers",
+            bodies_not_read.clone(),
+        );
         let reservations_expired = Counter::default();
         registry.register(
             "reservations_expired",
@@ -267,6 +275,7 @@ impl Metrics {
             lease_full,
             lease_short,
             lease_seconds,
+            bodies_not_read,
             reservations_expired,
             journal_errors,
             journal_sync_seconds,

@@ -48,6 +48,9 @@ pub struct ExtProcConfig {
     pub durable_settle: bool,
     /// What to do with a request whose budget state is unknown (see [`NoState`]).
     pub no_state: NoState,
+    /// Request bodies declared larger than this are not read: the request is decided from its
+    /// headers (prompt estimated from `content-length`; model from the route or path).
+    pub max_body_bytes: u64,
 }
 
 /// A request whose budgets have no state in memory — the store has not answered since start and
@@ -73,6 +76,7 @@ impl Default for ExtProcConfig {
             reservation_ttl: std::time::Duration::from_secs(3600),
             durable_settle: false,
             no_state: NoState::Deny,
+            max_body_bytes: 4 << 20,
         }
     }
 }

@@ -231,11 +231,28 @@ impl StreamState {
             return Step::Reply(reply::no_identity(self.family));
         }
         let has_body = !h.end_of_stream && get(":method") == Some("POST");
-        if has_body
-            && (self.model.is_none() || self.injectable || self.shared.config.always_read_body)
-        {
-            self.phase = Phase::AwaitingBody;
-            return Step::Reply(reply::request_headers(Some(reply::buffer_request_body())));
+        let wants_body =
+            self.model.is_none() || self.injectable || self.shared.config.always_read_body;
+        if has_body && wants_body {
+            let length: Option<u64> = get("content-length").and_then(|v| v.trim().parse().ok());
+            match length {
+                // Too large to buffer (Envoy would stall or refuse it, and we would hold it all):
+                // decide from the headers, with the prompt estimated from its length.
+                Some(n) if n > self.shared.config.max_body_bytes => {
+                    self.shared.ledger.metrics.bodies_not_read.inc();
+                    tracing::info!(request_id = %self.request_id, bytes = n,
+                        "request body too large to read; deciding from its length");
+                    self.facts = BodyFacts {
+                        prompt_bytes: n,
+                        choices: 1,
+                        ..BodyFacts::default()
+                    };
+                }
+                _ => {
+                    self.phase = Phase::AwaitingBody;
+                    return Step::Reply(reply::request_headers(Some(reply::buffer_request_body())));
+                }
+            }
         }
         self.decided(LeaseStep::Acquire, Waiting::Headers)
     }

@@ -860,21 +860,24 @@ impl PgStore {
         limit: i64,
     ) -> Result<Vec<UsageTotal>> {
         let (since, until) = q.hours();
-        let col = match by {
-            UsageBy::Principal => "principal",
-            UsageBy::Model => "model",
+        // One statement per grouping: no SQL is ever assembled at run time.
+        let sql = match by {
+            UsageBy::Principal => {
+                "SELECT principal, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 FROM tb_usage_hourly \
+                 WHERE hour_start >= $1 AND hour_start < $2 AND ($3::text[] IS NULL OR principal = ANY($3)) \
+                   AND ($4::text IS NULL OR model = $4) \
+                 GROUP BY principal ORDER BY 3 DESC, 1 LIMIT $5"
+            }
+            UsageBy::Model => {
+                "SELECT model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 FROM tb_usage_hourly \
+                 WHERE hour_start >= $1 AND hour_start < $2 AND ($3::text[] IS NULL OR principal = ANY($3)) \
+                   AND ($4::text IS NULL OR model = $4) \
+                 GROUP BY model ORDER BY 3 DESC, 1 LIMIT $5"
+            }
         };
         let c = self.client().await?;
         let rows = c
-            .query(
-                &format!(
-                    "SELECT {col}, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 FROM tb_usage_hourly \
-                     WHERE hour_start >= $1 AND hour_start < $2 AND ($3::text[] IS NULL OR principal = ANY($3)) \
-                       AND ($4::text IS NULL OR model = $4) \
-                     GROUP BY {col} ORDER BY 3 DESC, 1 LIMIT $5"
-                ),
-                &[&since, &until, &q.principals, &q.model, &limit],
-            )
+            .query(sql, &[&since, &until, &q.principals, &q.model, &limit])
             .await
             .map_err(db_err)?;
         Ok(rows

@@ -777,19 +777,24 @@ impl SqliteStore {
         let (since, until) = q.hours();
         let (principals, model) = (q.principals_json(), q.model.clone());
         self.with(move |c| {
-            let col = match by {
-                UsageBy::Principal => "principal",
-                UsageBy::Model => "model",
-            };
-            let mut st = c
-                .prepare(&format!(
-                    "SELECT {col}, SUM(requests), SUM(tokens), SUM(cost_nanos) FROM tb_usage_hourly \
+            // One statement per grouping: no SQL is ever assembled at run time.
+            let sql = match by {
+                UsageBy::Principal => {
+                    "SELECT principal, SUM(requests), SUM(tokens), SUM(cost_nanos) FROM tb_usage_hourly \
                      WHERE hour_start >= ?1 AND hour_start < ?2 \
                        AND (?3 IS NULL OR principal IN (SELECT value FROM json_each(?3))) \
                        AND (?4 IS NULL OR model = ?4) \
-                     GROUP BY {col} ORDER BY 3 DESC, 1 LIMIT ?5"
-                ))
-                .map_err(db_err)?;
+                     GROUP BY principal ORDER BY 3 DESC, 1 LIMIT ?5"
+                }
+                UsageBy::Model => {
+                    "SELECT model, SUM(requests), SUM(tokens), SUM(cost_nanos) FROM tb_usage_hourly \
+                     WHERE hour_start >= ?1 AND hour_start < ?2 \
+                       AND (?3 IS NULL OR principal IN (SELECT value FROM json_each(?3))) \
+                       AND (?4 IS NULL OR model = ?4) \
+                     GROUP BY model ORDER BY 3 DESC, 1 LIMIT ?5"
+                }
+            };
+            let mut st = c.prepare(sql).map_err(db_err)?;
             let rows = st
                 .query_map(params![since, until, principals, model, limit], |r| {
                     let key: String = r.get(0)?;

@@ -8,6 +8,8 @@
 //! - `x-fake-cut-after: N` — after N chunks, send half an event and abort the connection
 //! - `x-fake-malformed: 1` — send a usage chunk whose JSON is cut off
 //! - `x-fake-status: CODE` — answer with this HTTP error
+//! - `x-fake-huge-event: BYTES` — stream one SSE event of that many bytes (no line end until its
+//!   end, in 64 KiB pieces) before the usage chunk: a pathological stream
 //! - `x-fake-fixture: NAME` — answer with `tests/fixtures/NAME.body` (its content type from
 //!   `NAME.toml`) in 64-byte pieces; with `x-fake-gzip: 1` gzipped; with
 //!   `x-fake-cut-at-byte: N` the connection is cut after N bytes
@@ -68,6 +70,8 @@ pub async fn serve(listener: tokio::net::TcpListener, fake: FakeModel) -> std::i
     let app = Router::new()
         .route("/_fake/requests", get(list))
         .route("/{*path}", post(complete))
+        // Prompts can be large (images, long documents); the tests send up to 8 MiB.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(fake);
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -129,6 +133,7 @@ async fn complete(
     let malformed = header(&headers, "x-fake-malformed") == Some("1");
     let status = num(&headers, "x-fake-status", 200);
     let fixture = header(&headers, "x-fake-fixture").map(str::to_owned);
+    let huge = num(&headers, "x-fake-huge-event", 0) as usize;
 
     let reports_usage = req.is_object()
         && status == 200
@@ -188,6 +193,18 @@ async fn complete(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
+        if huge > 0 {
+            let mut left = huge;
+            let _ = tx.send(Ok(Bytes::from_static(b"data: {\"pad\":\""))).await;
+            while left > 0 {
+                let n = left.min(64 * 1024);
+                left -= n;
+                if tx.send(Ok(Bytes::from(vec![b'x'; n]))).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Ok(Bytes::from_static(b"\"}\n\n"))).await;
+        }
         for i in 0..chunks {
             if cut_after == Some(i) {
                 // Cut in the middle of an event, after what was sent reached the wire.

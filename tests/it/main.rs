@@ -13,3 +13,4 @@ mod metrics;
 mod policy;
 mod providers;
 mod reliability;
+mod security;
