@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::harness::{
-    ADMIN_TOKEN, Backend, Envoy, Stack, VIEWER_TOKEN, envoy_bin, jwt, read_all, repo_path,
+    ADMIN_TOKEN, Backend, Envoy, Stack, VIEWER_TOKEN, envoy_bin, read_all, repo_path,
 };
 
 /// Envoy's own view of a config (its `/config_dump`), with its ports moved out of the way.
