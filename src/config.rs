@@ -113,6 +113,7 @@ struct RawStore {
     sqlite_path: String,
     pool_size: usize,
     migrate_on_start: bool,
+    retention_days: u64,
 }
 
 impl Default for RawStore {
@@ -122,6 +123,7 @@ impl Default for RawStore {
             sqlite_path: "tokenbudget.db".into(),
             pool_size: 8,
             migrate_on_start: true,
+            retention_days: 90,
         }
     }
 }
@@ -631,6 +633,8 @@ impl Config {
                 batch_max: l.batch_max,
                 sync_interval: Duration::from_millis(l.sync_interval_ms),
                 refresh_interval: Duration::from_millis(l.refresh_interval_ms),
+                retention: (raw.store.retention_days > 0)
+                    .then(|| Duration::from_secs(raw.store.retention_days.saturating_mul(86_400))),
                 // With a journal, what the store cannot take at shutdown is already on disk and
                 // replayed at the next start: no need to hold the exit for long.
                 drain_deadline: if l.journal_dir.trim().is_empty() {

@@ -25,6 +25,36 @@ pub struct WriterConfig {
     pub refresh_interval: Duration,
     /// How long shutdown keeps retrying a failing store before giving up on the flush.
     pub drain_deadline: Duration,
+    /// Usage and deny events older than this are deleted (hourly rollups, counters and the names
+    /// seen are kept); `None` keeps them forever.
+    pub retention: Option<Duration>,
+}
+
+/// How often old events are purged, and how many rows one statement deletes.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+const PURGE_CHUNK: i64 = 10_000;
+
+/// Deletes events past the retention period, a chunk at a time so no statement runs long.
+async fn purge(ledger: &Ledger, store: &Store, retention: Duration) -> Result<u64, StoreError> {
+    let keep = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let before = ledger.clock().now().timestamp_millis().saturating_sub(keep);
+    let mut total = 0;
+    loop {
+        let n = store.purge_events(before, PURGE_CHUNK).await?;
+        total += n;
+        if n < PURGE_CHUNK as u64 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    if total > 0 {
+        tracing::info!(
+            deleted = total,
+            before_ms = before,
+            "old usage and deny events purged"
+        );
+    }
+    Ok(total)
 }
 
 /// What a replica does to the store before it first loads from it, and where it keeps its
@@ -243,6 +273,11 @@ pub async fn run(
     sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh_tick = tokio::time::interval(cfg.refresh_interval);
     refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut purge_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(60),
+        PURGE_EVERY,
+    );
+    purge_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(50);
     loop {
         if *shutdown.borrow() {
@@ -262,6 +297,11 @@ pub async fn run(
             _ = sync_tick.tick() => report(&ledger, sync.run(false).await),
             _ = refresh_tick.tick() => report(&ledger, sync.run(true).await),
             _ = ledger.policy_changed() => report(&ledger, sync.run(false).await),
+            _ = purge_tick.tick(), if cfg.retention.is_some() && sync.prepared => {
+                if let Some(r) = cfg.retention {
+                    report(&ledger, purge(&ledger, &store, r).await.map(|_| ()));
+                }
+            }
             _ = shutdown.changed() => {}
         }
         // Until the store was prepared (migrated) once, writes would only fail: they wait.

@@ -11,6 +11,8 @@
 
 #[cfg(test)]
 mod contract;
+#[cfg(test)]
+mod plans;
 mod postgres;
 pub mod snapshot;
 mod sqlite;
@@ -393,6 +395,8 @@ pub(crate) struct Aggregates {
     pub hourly: BTreeMap<(i64, String, String), (u64, u64, u64)>,
     /// Lease mode: how much each lease (budget, member, epoch) of this replica covered.
     pub leases: BTreeMap<(String, String, i64), u64>,
+    /// Names seen, (kind, name) → latest event time (ms), for the admin pickers.
+    pub seen: BTreeMap<(&'static str, String), i64>,
 }
 
 impl Aggregates {
@@ -401,7 +405,12 @@ impl Aggregates {
         let mut counters: BTreeMap<(String, i64, String), Amount> = BTreeMap::new();
         let mut hourly: BTreeMap<(i64, String, String), (u64, u64, u64)> = BTreeMap::new();
         let mut leases: BTreeMap<(String, String, i64), u64> = BTreeMap::new();
+        let mut seen: BTreeMap<(&'static str, String), i64> = BTreeMap::new();
         for d in debits {
+            for k in [("principal", &d.event.principal), ("model", &d.event.model)] {
+                let t = seen.entry((k.0, k.1.clone())).or_insert(d.event.ts_ms);
+                *t = (*t).max(d.event.ts_ms);
+            }
             for delta in &d.deltas {
                 if let Some(l) = delta.lease {
                     let k = (
@@ -433,6 +442,7 @@ impl Aggregates {
             counters,
             hourly,
             leases,
+            seen,
         }
     }
 }
@@ -733,6 +743,12 @@ impl Store {
             Store::Postgres(s) => Store::Postgres(s.reopen().await?),
             Store::Sqlite(s) => Store::Sqlite(s.reopen().await?),
         })
+    }
+
+    /// Deletes up to `limit` usage and deny events older than `before_ms` (oldest first); hourly
+    /// rollups, counters and the names seen are kept. Returns how many rows went.
+    pub async fn purge_events(&self, before_ms: i64, limit: i64) -> Result<u64> {
+        dispatch!(self, s => s.purge_events(before_ms, limit).await)
     }
 
     /// This process's lease holder id (one per start).

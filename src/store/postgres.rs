@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (4, include_str!("migrations/postgres_0004_audit.sql")),
     (5, include_str!("migrations/postgres_0005_leases.sql")),
+    (6, include_str!("migrations/postgres_0006_retention.sql")),
 ];
 
 #[derive(Clone)]
@@ -41,7 +42,7 @@ pub struct PgStore {
 
 /// Used amount (tokens or nano-USD) of one counter from bucket $3 on, every unexpired lease on it
 /// for epoch $4, and this holder's ($5) part of those, at $6.
-const LEASE_VIEW_TOKENS: &str = "SELECT \
+pub(crate) const LEASE_VIEW_TOKENS: &str = "SELECT \
      (SELECT COALESCE(SUM(tokens), 0)::int8 FROM tb_window_counters WHERE budget_id = $1 AND member = $2 AND bucket_start >= $3), \
      (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6), \
      (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6 AND holder = $5)";
@@ -49,6 +50,13 @@ const LEASE_VIEW_NANOS: &str = "SELECT \
      (SELECT COALESCE(SUM(cost_nanos), 0)::int8 FROM tb_window_counters WHERE budget_id = $1 AND member = $2 AND bucket_start >= $3), \
      (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6), \
      (SELECT COALESCE(SUM(amount), 0)::int8 FROM tb_leases WHERE budget_id = $1 AND member = $2 AND epoch = $4 AND expires_ms > $6 AND holder = $5)";
+/// Retention: the oldest events before $1, at most $2 at a time (by the `ts_ms` indexes).
+/// `= ANY(ARRAY(…))` makes the delete look each row up by key instead of joining the table.
+pub(crate) const PURGE_USAGE: &str = "DELETE FROM tb_usage_events WHERE event_id = ANY(ARRAY( \
+     SELECT event_id FROM tb_usage_events WHERE ts_ms < $1 ORDER BY ts_ms LIMIT $2))";
+pub(crate) const PURGE_DENIES: &str = "DELETE FROM tb_deny_events WHERE event_id = ANY(ARRAY( \
+     SELECT event_id FROM tb_deny_events WHERE ts_ms < $1 ORDER BY ts_ms LIMIT $2))";
+
 /// Expired leases are deleted after an hour, lock rows a day after their last grant.
 const LEASE_KEEP_EXPIRED_MS: i64 = 3_600_000;
 const LEASE_KEEP_HEADS_MS: i64 = 86_400_000;
@@ -228,6 +236,19 @@ impl PgStore {
             used,
             others: leased.saturating_sub(mine),
         })
+    }
+
+    pub async fn purge_events(&self, before_ms: i64, limit: i64) -> Result<u64> {
+        let c = self.client().await?;
+        let usage = c
+            .execute(PURGE_USAGE, &[&before_ms, &limit])
+            .await
+            .map_err(db_err)?;
+        let denies = c
+            .execute(PURGE_DENIES, &[&before_ms, &limit])
+            .await
+            .map_err(db_err)?;
+        Ok(usage + denies)
     }
 
     pub async fn release_lease(&self, key: &CounterKey, epoch: i64, amount: u64) -> Result<()> {
@@ -433,13 +454,7 @@ impl PgStore {
         let ids: Vec<&str> = windows.iter().map(|(b, _)| &*b.0).collect();
         let buckets: Vec<i64> = windows.iter().map(|(_, s)| *s).collect();
         let rows = c
-            .query(
-                "SELECT w.budget_id, w.member, w.bucket_start, w.tokens, w.cost_nanos \
-                 FROM tb_window_counters w \
-                 JOIN UNNEST($1::text[], $2::int8[]) AS q(budget_id, oldest) \
-                   ON w.budget_id = q.budget_id AND w.bucket_start >= q.oldest",
-                &[&ids, &buckets],
-            )
+            .query(LOAD_COUNTERS, &[&ids, &buckets])
             .await
             .map_err(db_err)?;
         Ok(rows
@@ -551,6 +566,22 @@ impl PgStore {
                        tokens = tb_usage_hourly.tokens + EXCLUDED.tokens, \
                        cost_nanos = tb_usage_hourly.cost_nanos + EXCLUDED.cost_nanos",
                     &[&h, &p, &m, &r, &t, &n],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+            if !agg.seen.is_empty() {
+                let (mut k, mut n, mut t) = (vec![], vec![], vec![]);
+                for ((kind, name), ts) in &agg.seen {
+                    k.push(*kind);
+                    n.push(name.as_str());
+                    t.push(*ts);
+                }
+                tx.execute(
+                    "INSERT INTO tb_seen (kind, name, last_ms) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
+                     ON CONFLICT (kind, name) DO UPDATE SET last_ms = GREATEST(tb_seen.last_ms, EXCLUDED.last_ms)",
+                    &[&k, &n, &t],
                 )
                 .await
                 .map_err(db_err)?;
@@ -675,13 +706,7 @@ impl PgStore {
     ) -> Result<Vec<UsageEvent>> {
         let c = self.client().await?;
         let rows = c
-            .query(
-                "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
-                   cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens \
-                 FROM (SELECT * FROM tb_usage_events WHERE ($1::text IS NULL OR request_id = $1) \
-                       ORDER BY ts_ms DESC, event_id DESC LIMIT $2) e ORDER BY ts_ms, event_id",
-                &[&request_id, &limit],
-            )
+            .query(USAGE_EVENTS, &[&request_id, &limit])
             .await
             .map_err(db_err)?;
         Ok(rows
@@ -711,11 +736,15 @@ impl PgStore {
         let c = self.client().await?;
         let rows = c
             .query(
-                "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
-                 FROM tb_deny_events WHERE ts_ms >= $1 AND ts_ms < $2 \
-                   AND ($3::text IS NULL OR principal = $3) AND ($4::text IS NULL OR budget_name = $4) \
-                 ORDER BY ts_ms DESC, event_id DESC LIMIT $5 OFFSET $6",
-                &[&q.since_ms, &q.until_ms, &q.principal, &q.budget, &q.limit, &q.offset],
+                DENY_EVENTS,
+                &[
+                    &q.since_ms,
+                    &q.until_ms,
+                    &q.principal,
+                    &q.budget,
+                    &q.limit,
+                    &q.offset,
+                ],
             )
             .await
             .map_err(db_err)?;
@@ -764,14 +793,14 @@ impl PgStore {
         let sql = match what {
             Seen::Principals => {
                 "SELECT DISTINCT name FROM ( \
-                   SELECT DISTINCT principal AS name FROM tb_usage_hourly \
+                   SELECT name FROM tb_seen WHERE kind = 'principal' \
                    UNION SELECT principal FROM tb_group_members \
                    UNION SELECT subject_kind || ':' || subject_name FROM tb_budgets WHERE subject_kind IN ('user', 'service_principal') \
                  ) n WHERE strpos(lower(name), lower($1)) > 0 ORDER BY name LIMIT $2"
             }
             Seen::Models => {
                 "SELECT DISTINCT name FROM ( \
-                   SELECT DISTINCT model AS name FROM tb_usage_hourly UNION SELECT model FROM tb_prices \
+                   SELECT name FROM tb_seen WHERE kind = 'model' UNION SELECT model FROM tb_prices \
                  ) n WHERE strpos(lower(name), lower($1)) > 0 ORDER BY name LIMIT $2"
             }
         };
@@ -905,11 +934,15 @@ impl PgStore {
         let c = self.client().await?;
         let rows = c
             .query(
-                "SELECT ((hour_start - $6) / $5) * $5 + $6 AS b, model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 \
-                 FROM tb_usage_hourly WHERE hour_start >= $1 AND hour_start < $2 \
-                   AND ($3::text[] IS NULL OR principal = ANY($3)) AND ($4::text IS NULL OR model = $4) \
-                 GROUP BY 1, 2 ORDER BY 1, 2",
-                &[&since, &until, &q.principals, &q.model, &bucket, &q.bucket_shift()],
+                USAGE_TIMESERIES,
+                &[
+                    &since,
+                    &until,
+                    &q.principals,
+                    &q.model,
+                    &bucket,
+                    &q.bucket_shift(),
+                ],
             )
             .await
             .map_err(db_err)?;
@@ -950,3 +983,22 @@ async fn record_change(
     .map_err(db_err)?;
     Ok(())
 }
+
+// The statements the query-plan tests (`store::plans`) explain, named so the tests check the
+// very text the store runs.
+pub(crate) const LOAD_COUNTERS: &str = "SELECT w.budget_id, w.member, w.bucket_start, w.tokens, w.cost_nanos \
+                 FROM tb_window_counters w \
+                 JOIN UNNEST($1::text[], $2::int8[]) AS q(budget_id, oldest) \
+                   ON w.budget_id = q.budget_id AND w.bucket_start >= q.oldest";
+pub(crate) const USAGE_TIMESERIES: &str = "SELECT ((hour_start - $6) / $5) * $5 + $6 AS b, model, SUM(requests)::int8, SUM(tokens)::int8, SUM(cost_nanos)::int8 \
+                 FROM tb_usage_hourly WHERE hour_start >= $1 AND hour_start < $2 \
+                   AND ($3::text[] IS NULL OR principal = ANY($3)) AND ($4::text IS NULL OR model = $4) \
+                 GROUP BY 1, 2 ORDER BY 1, 2";
+pub(crate) const DENY_EVENTS: &str = "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
+                 FROM tb_deny_events WHERE ts_ms >= $1 AND ts_ms < $2 \
+                   AND ($3::text IS NULL OR principal = $3) AND ($4::text IS NULL OR budget_name = $4) \
+                 ORDER BY ts_ms DESC, event_id DESC LIMIT $5 OFFSET $6";
+pub(crate) const USAGE_EVENTS: &str = "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
+                   cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens \
+                 FROM (SELECT * FROM tb_usage_events WHERE ($1::text IS NULL OR request_id = $1) \
+                       ORDER BY ts_ms DESC, event_id DESC LIMIT $2) e ORDER BY ts_ms, event_id";

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/sqlite_0003_cache_write_1h.sql")),
     (4, include_str!("migrations/sqlite_0004_audit.sql")),
     (5, include_str!("migrations/sqlite_0005_leases.sql")),
+    (6, include_str!("migrations/sqlite_0006_retention.sql")),
 ];
 
 #[derive(Clone)]
@@ -30,7 +31,7 @@ pub struct SqliteStore {
 
 /// See the Postgres backend: used amount of a counter from bucket ?3 on, unexpired leases of
 /// epoch ?4 at ?6, and holder ?5's part.
-const LEASE_VIEW_TOKENS: &str = "SELECT \
+pub(crate) const LEASE_VIEW_TOKENS: &str = "SELECT \
      (SELECT COALESCE(SUM(tokens), 0) FROM tb_window_counters WHERE budget_id = ?1 AND member = ?2 AND bucket_start >= ?3), \
      (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6), \
      (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6 AND holder = ?5)";
@@ -39,6 +40,10 @@ const LEASE_VIEW_NANOS: &str = "SELECT \
      (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6), \
      (SELECT COALESCE(SUM(amount), 0) FROM tb_leases WHERE budget_id = ?1 AND member = ?2 AND epoch = ?4 AND expires_ms > ?6 AND holder = ?5)";
 const LEASE_KEEP_EXPIRED_MS: i64 = 3_600_000;
+pub(crate) const PURGE_USAGE: &str = "DELETE FROM tb_usage_events WHERE rowid IN \
+     (SELECT rowid FROM tb_usage_events WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)";
+pub(crate) const PURGE_DENIES: &str = "DELETE FROM tb_deny_events WHERE rowid IN \
+     (SELECT rowid FROM tb_deny_events WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)";
 const LEASE_KEEP_HEADS_MS: i64 = 86_400_000;
 
 fn db_err(e: rusqlite::Error) -> StoreError {
@@ -133,6 +138,19 @@ impl SqliteStore {
                 used,
                 others: leased.saturating_sub(mine),
             })
+        })
+        .await
+    }
+
+    pub async fn purge_events(&self, before_ms: i64, limit: i64) -> Result<u64> {
+        self.with(move |c| {
+            let usage = c
+                .execute(PURGE_USAGE, params![before_ms, limit])
+                .map_err(db_err)?;
+            let denies = c
+                .execute(PURGE_DENIES, params![before_ms, limit])
+                .map_err(db_err)?;
+            Ok((usage + denies) as u64)
         })
         .await
     }
@@ -337,12 +355,7 @@ impl SqliteStore {
     ) -> Result<Vec<(CounterKey, i64, Amount)>> {
         let windows = windows.to_vec();
         self.with(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT member, bucket_start, tokens, cost_nanos FROM tb_window_counters \
-                     WHERE budget_id = ?1 AND bucket_start >= ?2",
-                )
-                .map_err(db_err)?;
+            let mut st = c.prepare_cached(LOAD_COUNTERS).map_err(db_err)?;
             let mut out = Vec::new();
             for (budget, oldest) in windows {
                 let rows = st
@@ -446,6 +459,15 @@ impl SqliteStore {
                 for ((hour, principal, model), (req, tok, nanos)) in &agg.hourly {
                     hr.execute(params![hour, principal, model, to_i64(*req), to_i64(*tok), to_i64(*nanos)])
                         .map_err(db_err)?;
+                }
+                let mut seen = tx
+                    .prepare_cached(
+                        "INSERT INTO tb_seen (kind, name, last_ms) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (kind, name) DO UPDATE SET last_ms = MAX(last_ms, excluded.last_ms)",
+                    )
+                    .map_err(db_err)?;
+                for ((kind, name), ts) in &agg.seen {
+                    seen.execute(params![kind, name, ts]).map_err(db_err)?;
                 }
                 // Lease mode: what the leases covered is now used; they shrink by as much.
                 let mut lease = tx
@@ -565,14 +587,12 @@ impl SqliteStore {
     ) -> Result<Vec<UsageEvent>> {
         let request_id = request_id.map(str::to_owned);
         self.with(move |c| {
-            let mut st = c
-                .prepare(
-                    "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
-                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens \
-                     FROM (SELECT * FROM tb_usage_events WHERE (?1 IS NULL OR request_id = ?1) \
-                           ORDER BY ts_ms DESC, event_id DESC LIMIT ?2) ORDER BY ts_ms, event_id",
-                )
-                .map_err(db_err)?;
+            // Two statements: SQLite cannot use the request index under `?1 IS NULL OR …`.
+            let sql = match request_id {
+                Some(_) => USAGE_EVENTS_OF_REQUEST,
+                None => USAGE_EVENTS,
+            };
+            let mut st = c.prepare(sql).map_err(db_err)?;
             let rows = st
                 .query_map(params![request_id, limit], |r| {
                     Ok(UsageEvent {
@@ -595,7 +615,8 @@ impl SqliteStore {
                     })
                 })
                 .map_err(db_err)?;
-            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+            rows.collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(db_err)
         })
         .await
     }
@@ -603,17 +624,17 @@ impl SqliteStore {
     pub async fn deny_events(&self, q: &DenyQuery) -> Result<Vec<DenyEvent>> {
         let q = q.clone();
         self.with(move |c| {
-            let mut st = c
-                .prepare(
-                    "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
-                     FROM tb_deny_events WHERE ts_ms >= ?1 AND ts_ms < ?2 \
-                       AND (?3 IS NULL OR principal = ?3) AND (?4 IS NULL OR budget_name = ?4) \
-                     ORDER BY ts_ms DESC, event_id DESC LIMIT ?5 OFFSET ?6",
-                )
-                .map_err(db_err)?;
+            let mut st = c.prepare(DENY_EVENTS).map_err(db_err)?;
             let rows = st
                 .query_map(
-                    params![q.since_ms, q.until_ms, q.principal, q.budget, q.limit, q.offset],
+                    params![
+                        q.since_ms,
+                        q.until_ms,
+                        q.principal,
+                        q.budget,
+                        q.limit,
+                        q.offset
+                    ],
                     |r| {
                         Ok(DenyEvent {
                             event_id: r.get(0)?,
@@ -630,7 +651,8 @@ impl SqliteStore {
                     },
                 )
                 .map_err(db_err)?;
-            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+            rows.collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(db_err)
         })
         .await
     }
@@ -668,14 +690,14 @@ impl SqliteStore {
             let sql = match what {
                 Seen::Principals => {
                     "SELECT name FROM ( \
-                       SELECT principal AS name FROM tb_usage_hourly \
+                       SELECT name FROM tb_seen WHERE kind = 'principal' \
                        UNION SELECT principal FROM tb_group_members \
                        UNION SELECT subject_kind || ':' || subject_name FROM tb_budgets WHERE subject_kind IN ('user', 'service_principal') \
                      ) WHERE instr(lower(name), lower(?1)) > 0 ORDER BY name LIMIT ?2"
                 }
                 Seen::Models => {
                     "SELECT name FROM ( \
-                       SELECT model AS name FROM tb_usage_hourly UNION SELECT model FROM tb_prices \
+                       SELECT name FROM tb_seen WHERE kind = 'model' UNION SELECT model FROM tb_prices \
                      ) WHERE instr(lower(name), lower(?1)) > 0 ORDER BY name LIMIT ?2"
                 }
             };
@@ -822,27 +844,23 @@ impl SqliteStore {
         let shift = q.bucket_shift();
         let (principals, model) = (q.principals_json(), q.model.clone());
         self.with(move |c| {
-            let mut st = c
-                .prepare(
-                    "SELECT ((hour_start - ?6) / ?5) * ?5 + ?6 AS b, model, SUM(requests), SUM(tokens), SUM(cost_nanos) \
-                     FROM tb_usage_hourly WHERE hour_start >= ?1 AND hour_start < ?2 \
-                       AND (?3 IS NULL OR principal IN (SELECT value FROM json_each(?3))) \
-                       AND (?4 IS NULL OR model = ?4) \
-                     GROUP BY 1, 2 ORDER BY 1, 2",
+            let mut st = c.prepare(USAGE_TIMESERIES).map_err(db_err)?;
+            let rows = st
+                .query_map(
+                    params![since, until, principals, model, bucket, shift],
+                    |r| {
+                        Ok(UsagePoint {
+                            start: r.get(0)?,
+                            model: r.get(1)?,
+                            requests: to_u64(r.get(2)?),
+                            tokens: to_u64(r.get(3)?),
+                            cost: NanoUsd(to_u64(r.get(4)?)),
+                        })
+                    },
                 )
                 .map_err(db_err)?;
-            let rows = st
-                .query_map(params![since, until, principals, model, bucket, shift], |r| {
-                    Ok(UsagePoint {
-                        start: r.get(0)?,
-                        model: r.get(1)?,
-                        requests: to_u64(r.get(2)?),
-                        tokens: to_u64(r.get(3)?),
-                        cost: NanoUsd(to_u64(r.get(4)?)),
-                    })
-                })
-                .map_err(db_err)?;
-            rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db_err)
+            rows.collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(db_err)
         })
         .await
     }
@@ -862,3 +880,24 @@ fn record_change(tx: &rusqlite::Transaction<'_>, a: &AuditEntry) -> Result<()> {
     .map_err(db_err)?;
     Ok(())
 }
+
+// The statements the query-plan tests (`store::plans`) explain, named so the tests check the
+// very text the store runs.
+pub(crate) const LOAD_COUNTERS: &str = "SELECT member, bucket_start, tokens, cost_nanos FROM tb_window_counters \
+                     WHERE budget_id = ?1 AND bucket_start >= ?2";
+pub(crate) const USAGE_TIMESERIES: &str = "SELECT ((hour_start - ?6) / ?5) * ?5 + ?6 AS b, model, SUM(requests), SUM(tokens), SUM(cost_nanos) \
+                     FROM tb_usage_hourly WHERE hour_start >= ?1 AND hour_start < ?2 \
+                       AND (?3 IS NULL OR principal IN (SELECT value FROM json_each(?3))) \
+                       AND (?4 IS NULL OR model = ?4) \
+                     GROUP BY 1, 2 ORDER BY 1, 2";
+pub(crate) const DENY_EVENTS: &str = "SELECT event_id, request_id, ts_ms, principal, model, budget_name, reason, unit, used, limit_value \
+                     FROM tb_deny_events WHERE ts_ms >= ?1 AND ts_ms < ?2 \
+                       AND (?3 IS NULL OR principal = ?3) AND (?4 IS NULL OR budget_name = ?4) \
+                     ORDER BY ts_ms DESC, event_id DESC LIMIT ?5 OFFSET ?6";
+pub(crate) const USAGE_EVENTS: &str = "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
+                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens \
+                     FROM (SELECT * FROM tb_usage_events WHERE ?1 IS NULL \
+                           ORDER BY ts_ms DESC, event_id DESC LIMIT ?2) ORDER BY ts_ms, event_id";
+pub(crate) const USAGE_EVENTS_OF_REQUEST: &str = "SELECT event_id, request_id, ts_ms, principal, model, family, input_tokens, cache_read_tokens, \
+                       cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, estimated, outcome, unpriced, cache_write_1h_tokens \
+                     FROM tb_usage_events WHERE request_id = ?1 ORDER BY ts_ms, event_id LIMIT ?2";
