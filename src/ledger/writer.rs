@@ -329,6 +329,13 @@ pub async fn run(
         }
     }
     drain(&ledger, &store, cfg).await;
+    // The state this replica leaves behind, for a start while the store is unreachable.
+    if sync.prepared
+        && let Some(path) = &startup.snapshot
+        && let Ok(rows) = sync_counters(&ledger, &store).await
+    {
+        save_snapshot(&ledger, &store, path, rows).await;
+    }
 }
 
 fn report(ledger: &Ledger, r: Result<(), StoreError>) {

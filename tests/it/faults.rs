@@ -40,6 +40,19 @@ pub struct SidecarProc {
 impl SidecarProc {
     /// Writes a config (see [`sidecar_toml`]) into `dir` and starts the binary on it.
     pub async fn start(dir: &Path, store_toml: &str, ledger: &str, extra: &str) -> SidecarProc {
+        let mut p = SidecarProc::configure(dir, store_toml, ledger, extra);
+        p.spawn().await;
+        p
+    }
+
+    /// Writes the config and starts the process without waiting for it to be ready.
+    pub fn start_unready(dir: &Path, store_toml: &str, ledger: &str, extra: &str) -> SidecarProc {
+        let mut p = SidecarProc::configure(dir, store_toml, ledger, extra);
+        p.launch();
+        p
+    }
+
+    fn configure(dir: &Path, store_toml: &str, ledger: &str, extra: &str) -> SidecarProc {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let toml = sidecar_toml(store_toml, &dir.join("journal"), ledger, extra)
@@ -55,20 +68,23 @@ impl SidecarProc {
             );
         let config = dir.join("tokenbudget.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut p = SidecarProc {
+        SidecarProc {
             child: None,
             grpc,
             admin,
             config,
             log: dir.join("tokenbudget.log"),
             starts: 0,
-        };
-        p.spawn().await;
-        p
+        }
     }
 
     /// Starts the process (again) and waits until it is ready.
     pub async fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready().await;
+    }
+
+    fn launch(&mut self) {
         self.starts += 1;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -85,7 +101,6 @@ impl SidecarProc {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        self.wait_ready().await;
     }
 
     pub async fn wait_ready(&self) {

@@ -707,3 +707,115 @@ async fn a_stuck_stream_gives_its_reservation_back_and_is_still_charged_once() {
     );
     assert_eq!(ledger.metrics.reservations_expired.get(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_the_store_is_down_enforces_its_snapshot_or_refuses() {
+    let pg = PrivatePostgres::start();
+    let store_toml = format!("database_url = \"{}\"", pg.url());
+    let (fake_addr, _fake) = crate::fake_model::start().await.unwrap();
+    let client = reqwest::Client::new();
+    let ask = |e: &Envoy, who: &str, max_tokens: u64| {
+        let r = client
+            .post(e.url("/v1/chat/completions"))
+            .bearer_auth(jwt(who, &[]))
+            .header("x-fake-usage", "40,40")
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": max_tokens, "messages": []}))
+            .send();
+        async move {
+            let r = r.await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap_or_default())
+        }
+    };
+
+    // A first run, with the store up, spends 80 of cold's 100 tokens and leaves its snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = SidecarProc::start(dir.path(), &store_toml, "", "").await;
+    let store = tokenbudget::store::Store::open(&tokenbudget::store::StoreTarget::Postgres {
+        url: pg.url(),
+        pool_size: 2,
+    })
+    .await
+    .unwrap();
+    create_budget_in(
+        &store,
+        "name='cold'\nsubject='user:cold'\nlimit_tokens=100\nwindow='day'",
+        "b-cold",
+    )
+    .await;
+    until_served(&p, "cold").await;
+    let envoy = Envoy::start("envoy/demo.yaml", fake_addr, p.grpc).await;
+    assert_eq!(ask(&envoy, "cold", 50).await.0, 200);
+    assert!(p.terminate().await.success());
+    drop(store);
+
+    // The store is down when it starts again: it enforces what it knew.
+    pg.down();
+    p.spawn().await;
+    let ready: serde_json::Value = reqwest::get(p.admin_url("/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    let (status, body) = ask(&envoy, "cold", 30).await;
+    assert_eq!(
+        status, 429,
+        "80 used + 30 > 100, known from the snapshot: {body}"
+    );
+    assert_eq!(
+        ask(&envoy, "someone-else", 30).await.0,
+        200,
+        "no budget applies to them"
+    );
+
+    // A replica with no snapshot at all refuses (no_state = deny) until the store answers.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut fresh = SidecarProc::start_unready(dir2.path(), &store_toml, "", "");
+    let url = fresh.admin_url("/readyz");
+    eventually(
+        "the fresh replica answers, unready",
+        Duration::from_secs(20),
+        || {
+            let u = url.clone();
+            async move { matches!(reqwest::get(u).await, Ok(r) if r.status() == 503) }
+        },
+    )
+    .await;
+    let envoy2 = Envoy::start("envoy/demo.yaml", fake_addr, fresh.grpc).await;
+    let (status, body) = ask(&envoy2, "cold", 30).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("budgets_unavailable"), "{body}");
+    pg.up();
+    fresh.wait_ready().await;
+    let (status, _) = ask(&envoy2, "cold", 30).await;
+    assert_eq!(status, 429, "now it knows cold's usage from the store");
+    assert_eq!(ask(&envoy2, "someone-else", 30).await.0, 200);
+    // The first replica catches up too, and writes what it settled while the store was down.
+    let store = tokenbudget::store::Store::open(&tokenbudget::store::StoreTarget::Postgres {
+        url: pg.url(),
+        pool_size: 2,
+    })
+    .await
+    .unwrap();
+    eventually(
+        "the debits settled during the outage are written",
+        Duration::from_secs(20),
+        || {
+            let s = store.clone();
+            async move {
+                s.usage_events(None, 100)
+                    .await
+                    .map(|e| {
+                        e.iter()
+                            .filter(|e| e.principal == "user:someone-else")
+                            .count()
+                            == 2
+                    })
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+}
