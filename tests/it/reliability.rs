@@ -772,7 +772,7 @@ async fn a_replica_started_while_the_store_is_down_enforces_its_snapshot_or_refu
 
     // A replica with no snapshot at all refuses (no_state = deny) until the store answers.
     let dir2 = tempfile::tempdir().unwrap();
-    let mut fresh = SidecarProc::start_unready(dir2.path(), &store_toml, "", "");
+    let fresh = SidecarProc::start_unready(dir2.path(), &store_toml, "", "");
     let url = fresh.admin_url("/readyz");
     eventually(
         "the fresh replica answers, unready",
