@@ -12,5 +12,11 @@ async fn main() -> std::io::Result<()> {
         .unwrap_or_else(|| "127.0.0.1:8000".to_string());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("fake model listening on {}", listener.local_addr()?);
-    fake_model::serve(listener, fake_model::FakeModel::default()).await
+    // FAKE_RECORD=0: keep no record of requests (long benchmarks).
+    let fake = if std::env::var("FAKE_RECORD").as_deref() == Ok("0") {
+        fake_model::FakeModel::forgetful()
+    } else {
+        fake_model::FakeModel::default()
+    };
+    fake_model::serve(listener, fake).await
 }

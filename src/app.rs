@@ -5,6 +5,7 @@
 //! Stop: stop accepting ext_proc streams and let open ones finish (up to the grace period; each
 //! settles as it ends) → stop the writer, which flushes every queued debit → stop the admin port.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +38,7 @@ pub struct Running {
     stop_grpc: watch::Sender<bool>,
     stop_writer: watch::Sender<bool>,
     stop_admin: watch::Sender<bool>,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    grpc: tokio::sync::oneshot::Receiver<anyhow::Result<()>>,
     writer: JoinHandle<()>,
     admin: JoinHandle<std::io::Result<()>>,
     journal: Option<std::thread::JoinHandle<Journal>>,
@@ -61,6 +62,43 @@ pub async fn open_store(config: &Config, clock: &SharedClock) -> anyhow::Result<
             .context("migrating the store")?;
     }
     Ok(store)
+}
+
+/// Runs the ext_proc gRPC server on its own thread and runtime: one thread (a current-thread
+/// runtime, measured the cheapest per message) or `workers` threads. The server is built inside
+/// that runtime by `serve`, which gets the listener (`incoming`) adopted there.
+fn serve_grpc<F, Fut, I>(
+    workers: usize,
+    serve: impl FnOnce(I) -> Fut + Send + 'static,
+    incoming: F,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>
+where
+    F: FnOnce() -> std::io::Result<I> + Send + 'static,
+    Fut: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let runtime = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("tokenbudget-grpc")
+            .enable_all()
+            .build()?
+    };
+    std::thread::Builder::new()
+        .name("tokenbudget-grpc".into())
+        .spawn(move || {
+            let result = runtime.block_on(async move {
+                let incoming = incoming().context("adopting the gRPC listener")?;
+                serve(incoming).await.context("gRPC server")
+            });
+            let _ = done_tx.send(result);
+        })
+        .context("starting the gRPC thread")?;
+    Ok(done_rx)
 }
 
 /// How long `serve` waits for the store at start before it serves from its snapshot.
@@ -131,9 +169,9 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         );
     }
 
-    let grpc_listener = TcpListener::bind(config.grpc_listen)
-        .await
+    let grpc_listener = std::net::TcpListener::bind(config.grpc_listen)
         .with_context(|| format!("binding gRPC on {}", config.grpc_listen))?;
+    grpc_listener.set_nonblocking(true)?;
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin HTTP on {}", config.admin_listen))?;
@@ -207,13 +245,24 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
             ExternalProcessorServer::new(extproc.clone()).max_decoding_message_size(16 << 20),
         );
     // Socket options set on the builder apply only when tonic binds itself; an incoming stream
-    // needs its own, or Nagle + delayed ACK add ~40 ms to every small reply.
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    let grpc = tokio::spawn(server.serve_with_incoming_shutdown(incoming, async move {
-        let _ = grpc_rx.wait_for(|stop| *stop).await;
-    }));
+    // needs its own, or Nagle + delayed ACK add ~40 ms to every small reply. The listener is
+    // adopted by the gRPC runtime when it starts.
+    let incoming = move || {
+        Ok::<_, std::io::Error>(
+            tonic::transport::server::TcpIncoming::from(TcpListener::from_std(grpc_listener)?)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
+        )
+    };
+    let grpc = serve_grpc(
+        config.grpc_workers,
+        move |incoming| {
+            server.serve_with_incoming_shutdown(incoming, async move {
+                let _ = grpc_rx.wait_for(|stop| *stop).await;
+            })
+        },
+        incoming,
+    )?;
 
     let (stop_admin, mut admin_rx) = watch::channel(false);
     if config.admin_tokens.is_empty() {
@@ -274,7 +323,7 @@ impl Running {
         let _ = self.stop_grpc.send(true);
         let mut grpc = self.grpc;
         match tokio::time::timeout(self.grace, &mut grpc).await {
-            Ok(r) => r.context("gRPC server task")?.context("gRPC server")?,
+            Ok(r) => r.context("gRPC server thread")?.context("gRPC server")?,
             Err(_) => {
                 tracing::warn!(
                     open_streams = self.extproc.active_streams(),
@@ -291,7 +340,12 @@ impl Running {
                 if settled.is_err() {
                     tracing::error!(open_streams = ext.active_streams(), "streams did not end");
                 }
-                grpc.abort();
+                if tokio::time::timeout(Duration::from_secs(2), grpc)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("the gRPC server did not stop; leaving it to the exit");
+                }
             }
         }
         // Everything settled is now pending or journaled: write the journal out, then the store.

@@ -94,6 +94,7 @@ struct RawServer {
     grpc_listen: String,
     admin_listen: String,
     shutdown_grace_seconds: u64,
+    grpc_workers: usize,
 }
 
 impl Default for RawServer {
@@ -102,6 +103,7 @@ impl Default for RawServer {
             grpc_listen: "127.0.0.1:9002".into(),
             admin_listen: "127.0.0.1:9090".into(),
             shutdown_grace_seconds: 30,
+            grpc_workers: 1,
         }
     }
 }
@@ -271,6 +273,8 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
+    /// Threads serving ext_proc: 1 (a current-thread runtime, the cheapest per message) or more.
+    pub grpc_workers: usize,
     pub store: StoreTarget,
     pub migrate_on_start: bool,
     pub extproc: ExtProcConfig,
@@ -487,6 +491,9 @@ impl Config {
                 return Err(err(key, "must be at least 1"));
             }
         }
+        if raw.server.grpc_workers == 0 || raw.server.grpc_workers > 256 {
+            return Err(err("server.grpc_workers", "must be 1 to 256"));
+        }
         let lease = match l.mode.as_str() {
             "sync" => None,
             "lease" => {
@@ -608,6 +615,7 @@ impl Config {
             grpc_listen: addr("server.grpc_listen", &raw.server.grpc_listen)?,
             admin_listen: addr("server.admin_listen", &raw.server.admin_listen)?,
             shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),
+            grpc_workers: raw.server.grpc_workers,
             store,
             migrate_on_start: raw.store.migrate_on_start,
             extproc: ExtProcConfig {

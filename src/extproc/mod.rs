@@ -1,9 +1,10 @@
 //! The Envoy boundary: the `ExternalProcessor` gRPC service.
 //!
-//! One task and one [`StreamState`] per Envoy stream (= per HTTP request). The task answers every
-//! message in order, exactly once (never in observability mode), sends body-chunk replies before
-//! metering the chunk, and settles the request when the stream ends however it ends: end of
-//! stream, clean close, client abort or reset.
+//! One [`StreamState`] per Envoy stream (= per HTTP request), driven by [`Replies`], the stream of
+//! replies tonic sends: no task and no channel per stream. Every message is answered in order,
+//! exactly once (never in observability mode), a body chunk's reply is handed to tonic before the
+//! chunk is metered, and the request is settled when the stream ends however it ends: end of
+//! stream, clean close, client abort or reset (the stream dropped).
 //!
 //! **Invariant:** no await on the store, no lock, and no allocation beyond the message itself
 //! between receiving a response body chunk and replying to it — except the single chunk whose
@@ -18,8 +19,12 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
 use ep::external_processor_server::ExternalProcessor;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::watch;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::identity::IdentityConfig;
@@ -131,7 +136,7 @@ fn hints(md: &tonic::metadata::MetadataMap) -> RouteHints {
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ReceiverStream<Result<ep::ProcessingResponse, Status>>;
+    type ProcessStream = Replies;
 
     async fn process(
         &self,
@@ -139,77 +144,183 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let hints = hints(request.metadata());
         let inbound = request.into_inner();
-        // Replies are sent in order and Envoy pipelines body chunks: a few slots suffice.
-        let (tx, rx) = mpsc::channel(8);
         let state = StreamState::new(Arc::clone(&self.shared), hints);
-        tokio::spawn(run_stream(
+        Ok(Response::new(Replies::new(
             Arc::clone(&self.shared),
             state,
             inbound,
-            tx,
             self.abort.clone(),
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        )))
     }
 }
 
-async fn run_stream(
+/// What a stream waits for, the rare times it cannot answer at once.
+enum Waited {
+    /// Lease mode: the store answered the lease asks (or not).
+    Lease(bool),
+    /// The last chunk's debit is on disk: send its reply.
+    Durable(Box<ep::ProcessingResponse>),
+}
+
+type Wait = Pin<Box<dyn Future<Output = Waited> + Send>>;
+
+/// The replies of one Envoy stream, computed as tonic asks for them: no task and no channel per
+/// stream. Each poll first meters the chunk whose reply the previous poll returned (so a body
+/// chunk is answered before it is parsed), then reads Envoy's next message and answers it.
+/// Dropping the stream (Envoy reset it, or the connection went away) settles it as aborted.
+pub struct Replies {
     shared: Arc<Shared>,
-    mut state: StreamState,
-    mut inbound: Streaming<ep::ProcessingRequest>,
-    tx: mpsc::Sender<Result<ep::ProcessingResponse, Status>>,
-    mut abort: watch::Receiver<bool>,
-) {
-    shared.ledger.metrics.active_streams.inc();
-    let ttl = tokio::time::sleep(shared.config.reservation_ttl);
-    tokio::pin!(ttl);
-    let mut ttl_armed = true;
-    let durable = shared.config.durable_settle;
-    let end = loop {
-        let msg = tokio::select! {
-            biased;
-            m = inbound.message() => m,
-            _ = abort.wait_for(|a| *a) => break End::Shutdown,
-            _ = &mut ttl, if ttl_armed => {
-                ttl_armed = false;
-                state.expire_reservation();
+    state: StreamState,
+    inbound: Streaming<ep::ProcessingRequest>,
+    /// A response body chunk already answered, to meter before anything else.
+    unmetered: Option<(Vec<u8>, bool)>,
+    /// The poll after an answered chunk returned Pending once, so tonic wrote the reply out
+    /// before the chunk is metered.
+    flushed: bool,
+    waiting: Option<Wait>,
+    /// Shutdown's grace period is over.
+    abort: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The reservation's time to live, until it fires once.
+    ttl: Option<Pin<Box<tokio::time::Sleep>>>,
+    ended: bool,
+}
+
+impl Replies {
+    fn new(
+        shared: Arc<Shared>,
+        state: StreamState,
+        inbound: Streaming<ep::ProcessingRequest>,
+        mut abort: watch::Receiver<bool>,
+    ) -> Replies {
+        shared.ledger.metrics.active_streams.inc();
+        let ttl = Some(Box::pin(tokio::time::sleep(shared.config.reservation_ttl)));
+        Replies {
+            shared,
+            state,
+            inbound,
+            unmetered: None,
+            flushed: false,
+            waiting: None,
+            abort: Box::pin(async move {
+                let _ = abort.wait_for(|a| *a).await;
+            }),
+            ttl,
+            ended: false,
+        }
+    }
+
+    fn end(&mut self, how: End) -> Poll<Option<Result<ep::ProcessingResponse, Status>>> {
+        if !self.ended {
+            self.ended = true;
+            self.state.finish(how);
+        }
+        // Ending our side with OK: Envoy goes on without us (legal: "no more messages").
+        Poll::Ready(None)
+    }
+}
+
+impl Stream for Replies {
+    type Item = Result<ep::ProcessingResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.unmetered.is_some() {
+            if !this.flushed {
+                // Let tonic send the reply first; we are polled again at once.
+                this.flushed = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            this.flushed = false;
+            if let Some((body, eos)) = this.unmetered.take() {
+                this.state.meter_chunk(&body, eos);
+            }
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(w) = this.waiting.as_mut() {
+            let Poll::Ready(done) = w.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            this.waiting = None;
+            let r = match done {
+                Waited::Lease(answered) => this.state.resume(answered),
+                Waited::Durable(r) => *r,
+            };
+            return Poll::Ready(Some(Ok(r)));
+        }
+        if this.abort.as_mut().poll(cx).is_ready() {
+            return this.end(End::Shutdown);
+        }
+        if let Some(t) = this.ttl.as_mut()
+            && t.as_mut().poll(cx).is_ready()
+        {
+            this.ttl = None;
+            this.state.expire_reservation();
+        }
+        loop {
+            let msg = match Pin::new(&mut this.inbound).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(m))) => m,
+                // Envoy half-closed: we end our side too, with OK.
+                Poll::Ready(None) => return this.end(End::Closed),
+                Poll::Ready(Some(Err(_))) => return this.end(End::Aborted),
+            };
+            let observe = msg.observability_mode;
+            let step = this.state.on_message(msg);
+            let reply = match step {
+                Step::NoReply => continue,
+                Step::Reply(r) => r,
+                Step::AwaitLease(needs) => {
+                    let shared = Arc::clone(&this.shared);
+                    this.waiting = Some(Box::pin(async move {
+                        Waited::Lease(shared.ledger.acquire_leases(needs).await)
+                    }));
+                    // Poll it once now, so its waker is registered.
+                    return self.poll_next(cx);
+                }
+                // The last chunk, when its debit must be on disk before the client sees the end.
+                Step::ReplyThenMeter(r, body, true) if this.shared.config.durable_settle => {
+                    this.state.meter_chunk(&body, true);
+                    match this.state.settled_seq() {
+                        Some(seq) => {
+                            let shared = Arc::clone(&this.shared);
+                            this.waiting = Some(Box::pin(async move {
+                                shared.ledger.wait_durable(seq).await;
+                                Waited::Durable(Box::new(r))
+                            }));
+                            return self.poll_next(cx);
+                        }
+                        None => r,
+                    }
+                }
+                Step::ReplyThenMeter(r, body, eos) => {
+                    this.unmetered = Some((body, eos));
+                    r
+                }
+            };
+            if observe {
+                // Observability mode: Envoy expects no reply; meter now, read on.
+                if let Some((body, eos)) = this.unmetered.take() {
+                    this.state.meter_chunk(&body, eos);
+                }
                 continue;
             }
-        };
-        match msg {
-            Ok(Some(msg)) => {
-                let observe = msg.observability_mode;
-                let sent = match state.on_message(msg) {
-                    Step::NoReply => true,
-                    Step::AwaitLease(needs) => {
-                        let answered = shared.ledger.acquire_leases(needs).await;
-                        let r = state.resume(answered);
-                        observe || tx.send(Ok(r)).await.is_ok()
-                    }
-                    Step::Reply(r) => observe || tx.send(Ok(r)).await.is_ok(),
-                    // The last chunk, when its debit must be on disk before the client sees the end.
-                    Step::ReplyThenMeter(r, body, true) if durable => {
-                        state.meter_chunk(&body, true);
-                        if let Some(seq) = state.settled_seq() {
-                            shared.ledger.wait_durable(seq).await;
-                        }
-                        observe || tx.send(Ok(r)).await.is_ok()
-                    }
-                    Step::ReplyThenMeter(r, body, eos) => {
-                        let ok = observe || tx.send(Ok(r)).await.is_ok();
-                        state.meter_chunk(&body, eos);
-                        ok
-                    }
-                };
-                if !sent {
-                    break End::Aborted;
-                }
-            }
-            // Envoy half-closed: drop our sender (below) so tonic ends the stream with OK.
-            Ok(None) => break End::Closed,
-            Err(_) => break End::Aborted,
+            return Poll::Ready(Some(Ok(reply)));
         }
-    };
-    state.finish(end);
-    shared.ledger.metrics.active_streams.dec();
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        if let Some((body, eos)) = self.unmetered.take() {
+            self.state.meter_chunk(&body, eos);
+        }
+        if !self.ended {
+            self.ended = true;
+            self.state.finish(End::Aborted);
+        }
+        self.shared.ledger.metrics.active_streams.dec();
+    }
 }

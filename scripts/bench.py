@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""The performance harness behind ./scripts/bench (which builds the release binaries first).
+
+Three Envoys, one per configuration, all running the same demo config in front of the same fast
+Rust fake model:
+
+  alone  the ext_proc filter removed
+  noop   ext_proc to examples/noop_extproc (answers at once, same message pattern as tokenbudget:
+         the floor any ext_proc design stands on)
+  tb     ext_proc to tokenbudget, with budgets that match every request (identity, decision,
+         reservation, metering, settlement, store writes)
+
+Traffic: non-streaming JSON, SSE with 50 events written back to back, SSE paced like a model (one
+event every 2 ms), each at concurrency 1, 16 and 64. Configurations alternate within every round
+so drift hits all alike; the tables are medians over rounds. Per run: requests/s, p50/p99, CPU
+per request of each process (from /proc/PID/stat), ext_proc messages per request (Envoy stats).
+Then: Envoy's own per-phase ext_proc timings (its filter-state access log), settled requests per
+store transaction at saturation, time from end of stream to debit visible, and tokenbudget's RSS
+with 10,000 streams open.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICK = os.sysconf("SC_CLK_TCK")
+
+TRAFFIC = {
+    "json": {"stream": False, "headers": {}},
+    "sse50": {"stream": True, "headers": {"x-fake-chunks": "50"}},
+    "paced": {"stream": True, "headers": {"x-fake-chunks": "50", "x-fake-delay-ms": "2"}},
+}
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_http(url, secs=30):
+    end = time.time() + secs
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {url}")
+
+
+def cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def envoy_stat(admin, name):
+    with urllib.request.urlopen(f"http://{admin}/stats?filter=^{re.escape(name)}$") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + ": "):
+                return int(line.split(": ")[1])
+    return 0
+
+
+def jwt(sub):
+    out = subprocess.run(
+        ["bash", "-c", f"source {ROOT}/scripts/lib.sh; demo_jwt {sub}"],
+        capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def ms(v):
+    if v.endswith("us"):
+        return float(v[:-2]) / 1000
+    if v.endswith("ms"):
+        return float(v[:-2])
+    if v.endswith("s"):
+        return float(v[:-1]) * 1000
+    return float(v)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = tempfile.mkdtemp(prefix="tokenbudget-bench.")
+        self.procs = []
+        self.envoy_bin = os.environ["TOKENBUDGET_ENVOY"]
+        self.tb_bin = os.path.join(ROOT, "target/release/tokenbudget")
+
+    def spawn(self, name, argv, env=None):
+        log = open(os.path.join(self.work, f"{name}.log"), "w")
+        p = subprocess.Popen(argv, stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except Exception:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except Exception:
+                p.kill()
+
+    def start(self):
+        a = self.args
+        self.fake_port, self.noop_port = free_port(), free_port()
+        self.grpc, self.admin = free_port(), free_port()
+        self.fake = self.spawn("fake", [os.path.join(ROOT, "target/release/examples/fake_model"),
+                                        f"127.0.0.1:{self.fake_port}"], {"FAKE_RECORD": "0"})
+        self.noop = self.spawn("noop", [os.path.join(ROOT, "target/release/examples/noop_extproc"),
+                                        f"127.0.0.1:{self.noop_port}", "--pattern", a.noop_pattern,
+                                        "--style", a.noop_style, "--runtime", a.noop_runtime])
+        self.db = os.path.join(self.work, "tb.db")
+        cfg = os.path.join(self.work, "tb.toml")
+        with open(cfg, "w") as f:
+            f.write(f"""[server]
+grpc_listen = "127.0.0.1:{self.grpc}"
+admin_listen = "127.0.0.1:{self.admin}"
+[store]
+sqlite_path = "{self.db}"
+[ledger]
+journal_dir = "{self.work}/journal"
+[log]
+level = "warn"
+{a.tb_extra}
+""")
+        env = {"TOKENBUDGET_CONFIG": cfg}
+        subprocess.run([self.tb_bin, "migrate"], env={**os.environ, **env}, check=True,
+                       capture_output=True)
+        for args in (["--name", "everyone-daily", "--subject", "everyone", "--limit-tokens",
+                      "1000000000000000", "--window", "day"],
+                     ["--name", "bench-monthly-usd", "--subject", "user:bench", "--limit-usd",
+                      "100000000", "--window", "month"]):
+            subprocess.run([self.tb_bin, "budgets", "create", *args], env={**os.environ, **env},
+                           check=True, capture_output=True)
+        self.tb = self.spawn("tb", [self.tb_bin, "serve"], env)
+        wait_http(f"http://127.0.0.1:{self.admin}/readyz")
+
+        base = open(os.path.join(ROOT, "envoy/demo.yaml")).read()
+        base = base.replace("port_value: 8000 }", f"port_value: {self.fake_port} }}")
+        # The fake model is one upstream host: let it take every connection the load opens.
+        base = base.replace("""  - name: upstream
+    type: STATIC
+    connect_timeout: 1s""", """  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds: [{ max_requests: 100000, max_pending_requests: 100000, max_connections: 100000 }]""")
+        a0 = base.index("          - name: envoy.filters.http.ext_proc\n")
+        b0 = base.index("          - name: envoy.filters.http.router\n")
+        self.envoys = {}
+        for name in ("alone", "noop", "tb"):
+            port, admin = free_port(), free_port()
+            text = base.replace("port_value: 10000 }", f"port_value: {port} }}").replace(
+                "port_value: 9901 }", f"port_value: {admin} }}")
+            if name == "alone":
+                text = text[:a0] + text[b0:]
+            else:
+                target = self.noop_port if name == "noop" else self.grpc
+                text = text.replace("port_value: 9002 }", f"port_value: {target} }}")
+            if a.access_log and name != "alone":
+                text = text.replace("          stat_prefix: llm\n", f"""          stat_prefix: llm
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {self.work}/access-{name}.log
+              log_format:
+                text_format_source:
+                  inline_string: "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_header_latency_us)% %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_body_total_latency_us)% %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_header_latency_us)% %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_body_total_latency_us)% %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_body_call_count)%\\n"
+""", 1)
+            path = os.path.join(self.work, f"envoy-{name}.yaml")
+            with open(path, "w") as f:
+                f.write(text)
+            p = self.spawn(f"envoy-{name}", [self.envoy_bin, "-c", path, "--disable-hot-restart",
+                                             "--concurrency", "1", "--log-level", "error",
+                                             "--base-id", str(free_port())])
+            self.envoys[name] = {"port": port, "admin": f"127.0.0.1:{admin}", "pid": p.pid}
+            wait_http(f"http://127.0.0.1:{admin}/ready")
+        self.token = jwt("bench")
+        self.server_pid = {"alone": None, "noop": self.noop.pid, "tb": self.tb.pid}
+
+    def lua(self, traffic):
+        t = TRAFFIC[traffic]
+        path = os.path.join(self.work, f"{traffic}.lua")
+        body = json.dumps({"model": "gpt-4o-mini", "stream": t["stream"], "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "Say hello"}]})
+        with open(path, "w") as f:
+            f.write('wrk.method = "POST"\n')
+            f.write(f'wrk.headers["authorization"] = "Bearer {self.token}"\n')
+            f.write('wrk.headers["content-type"] = "application/json"\n')
+            for k, v in t["headers"].items():
+                f.write(f'wrk.headers["{k}"] = "{v}"\n')
+            f.write(f"wrk.body = '{body}'\n")
+        return path
+
+    def run(self, cfg, traffic, conns, secs):
+        e = self.envoys[cfg]
+        pids = {"envoy": e["pid"], "server": self.server_pid[cfg], "fake": self.fake.pid}
+        c0 = {k: cpu(p) for k, p in pids.items() if p}
+        m0 = envoy_stat(e["admin"], "http.llm.ext_proc.tokenbudget.stream_msgs_sent") if cfg != "alone" else 0
+        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-s",
+                              self.lua(traffic), f"http://127.0.0.1:{e['port']}/v1/chat/completions"],
+                             capture_output=True, text=True, check=True).stdout
+        c1 = {k: cpu(p) for k, p in pids.items() if p}
+        m1 = envoy_stat(e["admin"], "http.llm.ext_proc.tokenbudget.stream_msgs_sent") if cfg != "alone" else 0
+        if "Non-2xx" in out or "Socket errors" in out:
+            raise SystemExit(f"errors in {cfg} {traffic} c={conns}:\n{out}")
+        n = int(re.search(r"(\d+) requests in", out).group(1))
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        p50 = ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+        p99 = ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+        per = lambda k: (c1[k] - c0[k]) * 1000 / TICK / max(n, 1) if k in c0 else None
+        return {"rps": rps, "p50": p50, "p99": p99, "n": n, "envoy_cpu": per("envoy"),
+                "server_cpu": per("server"), "fake_cpu": per("fake"),
+                "msgs": (m1 - m0) / max(n, 1) if cfg != "alone" else 0.0}
+
+
+def med(rows, key):
+    vals = [r[key] for r in rows if r[key] is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, d=3):
+    return "—" if v is None else f"{v:.{d}f}"
+
+
+def throughput(b, args, out):
+    results = {}
+    configs = ["alone", "noop", "tb"]
+    # Warm every path.
+    for cfg in configs:
+        for traffic in TRAFFIC:
+            b.run(cfg, traffic, 4, 1)
+    for rnd in range(args.rounds):
+        for traffic in args.traffic:
+            for conns in args.conns:
+                order = configs[rnd % 3:] + configs[:rnd % 3]
+                for cfg in order:
+                    r = b.run(cfg, traffic, conns, args.seconds)
+                    results.setdefault((traffic, conns, cfg), []).append(r)
+                    print(f"round {rnd + 1} {traffic:6} c={conns:<3} {cfg:5} {r['rps']:9.0f} req/s "
+                          f"p50 {r['p50']:.3f} ms p99 {r['p99']:.3f} ms msgs {r['msgs']:.2f}",
+                          file=sys.stderr, flush=True)
+    out.append("| traffic | conc | Envoy alone req/s | no-op floor req/s | tokenbudget req/s | tb / floor | tb / alone "
+               "| p50 alone / floor / tb (ms) | p99 alone / floor / tb (ms) | added p50 vs floor | msgs/req floor / tb "
+               "| Envoy CPU µs/req alone / floor / tb | server CPU µs/req floor / tb |")
+    out.append("|" + "---|" * 13)
+    summary = {}
+    for traffic in args.traffic:
+        for conns in args.conns:
+            a, f, t = (results[(traffic, conns, c)] for c in configs)
+            ra, rf, rt = med(a, "rps"), med(f, "rps"), med(t, "rps")
+            pa, pf, pt = med(a, "p50"), med(f, "p50"), med(t, "p50")
+            qa, qf, qt = med(a, "p99"), med(f, "p99"), med(t, "p99")
+            ea, ef, et = med(a, "envoy_cpu"), med(f, "envoy_cpu"), med(t, "envoy_cpu")
+            sf, st = med(f, "server_cpu"), med(t, "server_cpu")
+            summary[(traffic, conns)] = {"ratio": rt / rf, "added_p50": pt - pf,
+                                         "cpu_ratio": (et + st) / (ef + sf)}
+            out.append(f"| {traffic} | {conns} | {ra:.0f} | {rf:.0f} | {rt:.0f} | **{rt / rf:.3f}** | {rt / ra:.3f} "
+                       f"| {pa:.3f} / {pf:.3f} / {pt:.3f} | {qa:.3f} / {qf:.3f} / {qt:.3f} | {pt - pf:+.3f} "
+                       f"| {med(f, 'msgs'):.2f} / {med(t, 'msgs'):.2f} "
+                       f"| {ea * 1000:.0f} / {ef * 1000:.0f} / {et * 1000:.0f} | {sf * 1000:.0f} / {st * 1000:.0f} |")
+    out.append("")
+    out.append("CPU per request, Envoy + ext_proc server, tokenbudget / floor: " + ", ".join(
+        f"{k[0]} c={k[1]} {v['cpu_ratio']:.3f}" for k, v in summary.items()))
+    return summary
+
+
+def phases(b, out):
+    rows = {}
+    for cfg in ("noop", "tb"):
+        path = os.path.join(b.work, f"access-{cfg}.log")
+        if not os.path.exists(path):
+            return
+        vals = []
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 5 and all(p.isdigit() for p in parts):
+                    vals.append([int(p) for p in parts])
+        if vals:
+            rows[cfg] = [statistics.median(v[i] for v in vals) for i in range(5)]
+    if len(rows) == 2:
+        out.append("")
+        out.append("Envoy's per-request ext_proc timings (its filter state; median over every request of the runs, µs):")
+        out.append("")
+        out.append("| server | request headers | request body | response headers | response body (total) | response body calls |")
+        out.append("|---|---|---|---|---|---|")
+        for cfg, v in rows.items():
+            out.append(f"| {'no-op floor' if cfg == 'noop' else 'tokenbudget'} | {v[0]:.0f} | {v[1]:.0f} | {v[2]:.0f} | {v[3]:.0f} | {v[4]:.0f} |")
+
+
+def scrape(b):
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.admin}/metrics") as r:
+        text = r.read().decode()
+    val = lambda name: sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name + " "))
+    return val
+
+
+def store(b, out):
+    # Saturation: the batch size the writer reached while the throughput runs were going on.
+    v = scrape(b)
+    batches, records = v("tokenbudget_batch_size_count"), v("tokenbudget_batch_size_sum")
+    sat0 = (batches, records)
+    b.run("tb", "json", 64, 5)
+    v = scrape(b)
+    nb, nr = v("tokenbudget_batch_size_count") - sat0[0], v("tokenbudget_batch_size_sum") - sat0[1]
+    out.append("")
+    out.append(f"Store (SQLite) at saturation (JSON, c=64, 5 s): {nr:.0f} records in {nb:.0f} transactions, "
+               f"**{nr / max(nb, 1):.0f} settled requests per transaction**.")
+    # Visibility: one request at a time; poll the store for its row from the moment the response ended.
+    token = jwt("visibility")
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 16, "messages": []}).encode()
+    con = sqlite3.connect(b.db, timeout=5)
+    lat = []
+    for _ in range(50):
+        before = con.execute("SELECT count(*) FROM tb_usage_events WHERE principal = 'user:visibility'").fetchone()[0]
+        req = urllib.request.Request(f"http://127.0.0.1:{b.envoys['tb']['port']}/v1/chat/completions", data=body,
+                                     headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            r.read()
+        t0 = time.perf_counter()
+        while con.execute("SELECT count(*) FROM tb_usage_events WHERE principal = 'user:visibility'").fetchone()[0] <= before:
+            time.sleep(0.001)
+        lat.append((time.perf_counter() - t0) * 1000)
+    lat.sort()
+    out.append(f"End of response → debit visible in the store, 50 sequential requests: median {statistics.median(lat):.0f} ms, "
+               f"max {lat[-1]:.0f} ms (ledger.flush_interval_ms = 100 sets it).")
+
+
+def memory(b, out, streams):
+    idle = rss_kib(b.tb.pid)
+    lua = os.path.join(b.work, "hold.lua")
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 16, "messages": []})
+    with open(lua, "w") as f:
+        f.write('wrk.method = "POST"\n')
+        f.write(f'wrk.headers["authorization"] = "Bearer {b.token}"\n')
+        f.write('wrk.headers["content-type"] = "application/json"\n')
+        f.write('wrk.headers["x-fake-chunks"] = "4"\nwrk.headers["x-fake-delay-ms"] = "5000"\n')
+        f.write(f"wrk.body = '{body}'\n")
+    wrk = subprocess.Popen(["wrk", "-t2", f"-c{streams}", "-d30s", "--timeout", "60s", "-s", lua,
+                            f"http://127.0.0.1:{b.envoys['tb']['port']}/v1/chat/completions"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak, open_streams = idle, 0
+    end = time.time() + 25
+    while time.time() < end:
+        time.sleep(1)
+        v = scrape(b)
+        if v("tokenbudget_active_streams") >= open_streams:
+            open_streams = v("tokenbudget_active_streams")
+            peak = max(peak, rss_kib(b.tb.pid))
+    wrk.wait()
+    per = (peak - idle) * 1024 / max(open_streams, 1)
+    out.append("")
+    out.append(f"Memory: tokenbudget RSS {idle / 1024:.1f} MiB idle, {peak / 1024:.1f} MiB with {open_streams:.0f} streams open "
+               f"(each mid-response, metering): **{per:.0f} bytes per in-flight stream** (RSS growth / streams; "
+               f"includes tonic's and h2's per-stream state).")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--conns", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--traffic", nargs="+", default=list(TRAFFIC), choices=list(TRAFFIC))
+    ap.add_argument("--noop-pattern", default="tokenbudget")
+    ap.add_argument("--noop-style", default="stream")
+    ap.add_argument("--noop-runtime", default="current")
+    ap.add_argument("--tb-extra", default="", help="TOML appended to tokenbudget's config")
+    ap.add_argument("--access-log", action="store_true", help="per-phase timings (costs Envoy CPU)")
+    ap.add_argument("--streams", type=int, default=10000)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "store", "memory"])
+    args = ap.parse_args()
+    b = Bench(args)
+    out = []
+    try:
+        b.start()
+        out.append(f"tokenbudget bench, {time.strftime('%Y-%m-%d %H:%M')}: {args.rounds} rounds × {args.seconds} s, "
+                   f"no-op pattern {args.noop_pattern}, style {args.noop_style}, runtime {args.noop_runtime}"
+                   + (f", tokenbudget extra: {args.tb_extra!r}" if args.tb_extra else ""))
+        out.append("")
+        if "throughput" not in args.skip:
+            throughput(b, args, out)
+            phases(b, out)
+        if "store" not in args.skip:
+            store(b, out)
+        if "memory" not in args.skip:
+            memory(b, out, args.streams)
+    finally:
+        b.stop()
+    print("\n".join(out))
+    print(f"\n(work directory {b.work})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
