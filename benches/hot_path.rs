@@ -187,5 +187,150 @@ fn decision(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, scanner, decision);
+/// One whole non-streaming request through the per-stream state machine, as Envoy sends it:
+/// request headers (identity from the JWT payload in metadata), the buffered request body,
+/// response headers, the response body with its usage — decided, metered and settled.
+fn request_lifecycle(c: &mut Criterion) {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+    use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use ep::processing_request::Request as In;
+    use tokenbudget::extproc::{ExtProcConfig, RouteHints, Shared, Step, StreamState};
+
+    let spec = |t: &str| -> Budget {
+        let s: tokenbudget::policy::BudgetSpec =
+            toml::from_str(t).unwrap_or_else(|e| panic!("{e}"));
+        s.to_budget(&format!("b-{}", t.len()))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let mut prices = Vec::new();
+    for (model, effective_from_ms, price) in tokenbudget::policy::prices::default_prices()
+        .into_iter()
+        .map(|(m, p)| (m, 0, p))
+    {
+        prices.push(tokenbudget::store::PriceRow {
+            model,
+            effective_from_ms,
+            price,
+        });
+    }
+    let rows = tokenbudget::store::PolicyRows {
+        version: 1,
+        budgets: vec![
+            spec(
+                "name='everyone'\nsubject='everyone'\nlimit_tokens=1000000000000000\nwindow='day'",
+            ),
+            spec("name='alice usd'\nsubject='user:alice'\nlimit_usd='100000000'\nwindow='month'"),
+        ],
+        prices,
+        members: Vec::new(),
+    };
+    let ledger =
+        tokenbudget::testkit::ready_ledger(rows, Arc::new(tokenbudget::clock::SystemClock));
+    let shared = Arc::new(Shared {
+        config: ExtProcConfig::default(),
+        ledger: Arc::clone(&ledger),
+    });
+    let hdr = |pairs: &[(&str, &str)]| HeaderMap {
+        headers: pairs
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.into())),
+    };
+    let payload = Struct {
+        fields: [("sub".to_string(), s("alice")), ("iss".into(), s("demo"))].into(),
+    };
+    let jwt = Struct {
+        fields: [(
+            "jwt_payload".to_string(),
+            Value {
+                kind: Some(Kind::StructValue(payload)),
+            },
+        )]
+        .into(),
+    };
+    let metadata = Metadata {
+        filter_metadata: [("envoy.filters.http.jwt_authn".to_string(), jwt)].into(),
+        ..Default::default()
+    };
+    let msg = |r: In, md: Option<Metadata>| ep::ProcessingRequest {
+        request: Some(r),
+        metadata_context: md,
+        ..Default::default()
+    };
+    let messages = vec![
+        msg(
+            In::RequestHeaders(ep::HttpHeaders {
+                headers: Some(hdr(&[
+                    (":method", "POST"),
+                    (":path", "/v1/chat/completions"),
+                    (":authority", "llm"),
+                    ("content-type", "application/json"),
+                    ("content-length", "96"),
+                    ("x-request-id", "0d1c0a52-6c1f-4e4d-9d0a-5f8c2b1e7a11"),
+                ])),
+                end_of_stream: false,
+                ..Default::default()
+            }),
+            Some(metadata),
+        ),
+        msg(
+            In::RequestBody(ep::HttpBody {
+                body: br#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Say hello"}]}"#.to_vec(),
+                end_of_stream: true,
+                ..Default::default()
+            }),
+            None,
+        ),
+        msg(
+            In::ResponseHeaders(ep::HttpHeaders {
+                headers: Some(hdr(&[(":status", "200"), ("content-type", "application/json")])),
+                end_of_stream: false,
+                ..Default::default()
+            }),
+            None,
+        ),
+        msg(
+            In::ResponseBody(ep::HttpBody {
+                body: br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#.to_vec(),
+                end_of_stream: true,
+                ..Default::default()
+            }),
+            None,
+        ),
+    ];
+    let mut n = 0u64;
+    c.bench_function("request_lifecycle_json_2_budgets", |b| {
+        b.iter(|| {
+            let mut state = StreamState::new(Arc::clone(&shared), RouteHints::default());
+            for m in messages.iter().cloned() {
+                match state.on_message(m) {
+                    Step::ReplyThenMeter(r, body, eos) => {
+                        black_box(r);
+                        state.meter_chunk(&body, eos);
+                    }
+                    other => {
+                        black_box(other);
+                    }
+                }
+            }
+            n += 1;
+            if n.is_multiple_of(4096) {
+                tokenbudget::testkit::drain_ledger(&ledger);
+            }
+        })
+    });
+    c.bench_function("request_lifecycle_messages_clone_only", |b| {
+        b.iter(|| black_box(messages.clone()))
+    });
+}
+
+criterion_group!(benches, scanner, decision, request_lifecycle);
 criterion_main!(benches);

@@ -58,7 +58,16 @@ fn is_post(h: &ep::HttpHeaders) -> bool {
     })
 }
 
+static SPIN_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn reply(pattern: Pattern, m: ep::ProcessingRequest) -> Option<ep::ProcessingResponse> {
+    let spin = SPIN_NS.load(std::sync::atomic::Ordering::Relaxed);
+    if spin > 0 {
+        let t = std::time::Instant::now();
+        while (t.elapsed().as_nanos() as u64) < spin {
+            std::hint::spin_loop();
+        }
+    }
     if m.observability_mode {
         return None;
     }
@@ -144,6 +153,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("--style", "task") => style = Style::Task,
             ("--runtime", "current") => multi = false,
             ("--runtime", "multi") => multi = true,
+            // Busy work per message, to see how the server's own cost shows through Envoy.
+            ("--spin-ns", n) => SPIN_NS.store(n.parse()?, std::sync::atomic::Ordering::Relaxed),
             _ => return Err(format!("unknown argument {a} {v}").into()),
         }
     }

@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -118,6 +117,9 @@ class Bench:
         return p
 
     def stop(self):
+        if getattr(self, "pg_db", None):
+            self.tb.send_signal(signal.SIGTERM)
+            self.tb.wait(timeout=30)
         for p in self.procs:
             try:
                 p.send_signal(signal.SIGTERM)
@@ -128,6 +130,9 @@ class Bench:
                 p.wait(timeout=10)
             except Exception:
                 p.kill()
+        if getattr(self, "pg_db", None):
+            subprocess.run(["psql", "-q", "-h", "127.0.0.1", "-U", "postgres", "-c",
+                            f"DROP DATABASE IF EXISTS {self.pg_db} WITH (FORCE)"], capture_output=True)
 
     def start(self):
         a = self.args
@@ -139,13 +144,20 @@ class Bench:
                                         f"127.0.0.1:{self.noop_port}", "--pattern", a.noop_pattern,
                                         "--style", a.noop_style, "--runtime", a.noop_runtime])
         self.db = os.path.join(self.work, "tb.db")
+        if a.store == "postgres":
+            self.pg_db = f"tb_bench_{os.getpid()}"
+            subprocess.run(["psql", "-q", "-h", "127.0.0.1", "-U", "postgres", "-c",
+                            f"CREATE DATABASE {self.pg_db}"], check=True)
+            store = f'database_url = "postgres://postgres@127.0.0.1:5432/{self.pg_db}"'
+        else:
+            store = f'sqlite_path = "{self.db}"'
         cfg = os.path.join(self.work, "tb.toml")
         with open(cfg, "w") as f:
             f.write(f"""[server]
 grpc_listen = "127.0.0.1:{self.grpc}"
 admin_listen = "127.0.0.1:{self.admin}"
 [store]
-sqlite_path = "{self.db}"
+{store}
 [ledger]
 journal_dir = "{self.work}/journal"
 [log]
@@ -222,15 +234,27 @@ level = "warn"
             f.write(f"wrk.body = '{body}'\n")
         return path
 
+    def store_pids(self):
+        """The Postgres backends serving tokenbudget (their CPU is the store's per-request cost)."""
+        if self.args.store != "postgres":
+            return []
+        out = subprocess.run(["psql", "-tA", "-h", "127.0.0.1", "-U", "postgres", "-c",
+                              f"SELECT pid FROM pg_stat_activity WHERE datname = '{self.pg_db}' AND pid <> pg_backend_pid()"],
+                             capture_output=True, text=True).stdout.split()
+        return [int(p) for p in out if p.isdigit()]
+
     def run(self, cfg, traffic, conns, secs):
         e = self.envoys[cfg]
         pids = {"envoy": e["pid"], "server": self.server_pid[cfg], "fake": self.fake.pid}
+        store_pids = self.store_pids() if cfg == "tb" else []
+        s0 = sum(cpu(p) for p in store_pids if os.path.exists(f"/proc/{p}"))
         c0 = {k: cpu(p) for k, p in pids.items() if p}
         m0 = envoy_stat(e["admin"], "http.llm.ext_proc.tokenbudget.stream_msgs_sent") if cfg != "alone" else 0
         out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-s",
                               self.lua(traffic), f"http://127.0.0.1:{e['port']}/v1/chat/completions"],
                              capture_output=True, text=True, check=True).stdout
         c1 = {k: cpu(p) for k, p in pids.items() if p}
+        s1 = sum(cpu(p) for p in store_pids if os.path.exists(f"/proc/{p}"))
         m1 = envoy_stat(e["admin"], "http.llm.ext_proc.tokenbudget.stream_msgs_sent") if cfg != "alone" else 0
         if "Non-2xx" in out or "Socket errors" in out:
             raise SystemExit(f"errors in {cfg} {traffic} c={conns}:\n{out}")
@@ -241,6 +265,7 @@ level = "warn"
         per = lambda k: (c1[k] - c0[k]) * 1000 / TICK / max(n, 1) if k in c0 else None
         return {"rps": rps, "p50": p50, "p99": p99, "n": n, "envoy_cpu": per("envoy"),
                 "server_cpu": per("server"), "fake_cpu": per("fake"),
+                "store_cpu": (s1 - s0) * 1000 / TICK / max(n, 1) if store_pids else None,
                 "msgs": (m1 - m0) / max(n, 1) if cfg != "alone" else 0.0}
 
 
@@ -292,6 +317,9 @@ def throughput(b, args, out):
     out.append("")
     out.append("CPU per request, Envoy + ext_proc server, tokenbudget / floor: " + ", ".join(
         f"{k[0]} c={k[1]} {v['cpu_ratio']:.3f}" for k, v in summary.items()))
+    if args.store == "postgres":
+        out.append("Postgres backends' CPU per request (the store's share, outside tokenbudget): " + ", ".join(
+            f"{t} c={c} {fmt(med(results[(t, c, 'tb')], 'store_cpu'), 3)} ms" for t in args.traffic for c in args.conns))
     return summary
 
 
@@ -335,21 +363,22 @@ def store(b, out):
     v = scrape(b)
     nb, nr = v("tokenbudget_batch_size_count") - sat0[0], v("tokenbudget_batch_size_sum") - sat0[1]
     out.append("")
-    out.append(f"Store (SQLite) at saturation (JSON, c=64, 5 s): {nr:.0f} records in {nb:.0f} transactions, "
+    out.append(f"Store ({b.args.store}) at saturation (JSON, c=64, 5 s): {nr:.0f} records in {nb:.0f} transactions, "
                f"**{nr / max(nb, 1):.0f} settled requests per transaction**.")
     # Visibility: one request at a time; poll the store for its row from the moment the response ended.
     token = jwt("visibility")
     body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 16, "messages": []}).encode()
-    con = sqlite3.connect(b.db, timeout=5)
+    # Committed = counted in events_written_total (the writer counts after the transaction).
+    written = lambda: scrape(b)("tokenbudget_events_written_total")
     lat = []
     for _ in range(50):
-        before = con.execute("SELECT count(*) FROM tb_usage_events WHERE principal = 'user:visibility'").fetchone()[0]
+        before = written()
         req = urllib.request.Request(f"http://127.0.0.1:{b.envoys['tb']['port']}/v1/chat/completions", data=body,
                                      headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
         with urllib.request.urlopen(req) as r:
             r.read()
         t0 = time.perf_counter()
-        while con.execute("SELECT count(*) FROM tb_usage_events WHERE principal = 'user:visibility'").fetchone()[0] <= before:
+        while written() <= before:
             time.sleep(0.001)
         lat.append((time.perf_counter() - t0) * 1000)
     lat.sort()
@@ -386,6 +415,25 @@ def memory(b, out, streams):
                f"includes tonic's and h2's per-stream state).")
 
 
+def profile(b, out, traffic, secs):
+    """perf (software clock) samples of tokenbudget under load, by symbol; the no-op floor's too."""
+    data = os.path.join(b.work, "perf.data")
+    for cfg, pid, path in (("noop", b.noop.pid, data + ".noop"), ("tb", b.tb.pid, data)):
+        rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "2000", "-g", "-o", path, "-p",
+                                str(pid), "--", "sleep", str(secs)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = b.run(cfg, traffic, 16, secs)
+        rec.wait()
+        out.append(f"{cfg}: {r['n']} requests profiled ({r['server_cpu'] * 1000:.0f} µs CPU per request)")
+    rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--percent-limit", "0.7",
+                          "--stdio", "-g", "none", "--sort", "symbol"], capture_output=True, text=True)
+    out.append("")
+    out.append(f"tokenbudget profile ({traffic}, c=16, {secs} s; perf report in {data}):")
+    out.append("```")
+    out.extend(l for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#"))
+    out.append("```")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -396,9 +444,12 @@ def main():
     ap.add_argument("--noop-style", default="stream")
     ap.add_argument("--noop-runtime", default="current")
     ap.add_argument("--tb-extra", default="", help="TOML appended to tokenbudget's config")
+    ap.add_argument("--store", default="sqlite", choices=["sqlite", "postgres"])
     ap.add_argument("--access-log", action="store_true", help="per-phase timings (costs Envoy CPU)")
     ap.add_argument("--streams", type=int, default=10000)
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "store", "memory"])
+    ap.add_argument("--profile", type=int, default=0, help="seconds of perf sampling of tokenbudget (JSON, c=16)")
+    ap.add_argument("--profile-traffic", default="json", choices=list(TRAFFIC))
     args = ap.parse_args()
     b = Bench(args)
     out = []
@@ -415,6 +466,8 @@ def main():
             store(b, out)
         if "memory" not in args.skip:
             memory(b, out, args.streams)
+        if args.profile:
+            profile(b, out, args.profile_traffic, args.profile)
     finally:
         b.stop()
     print("\n".join(out))

@@ -121,6 +121,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
     });
     // Debits an earlier process settled but the store may not have: counted and queued again
     // before anything else (the store ignores the ones it already has).
+    let sync_every = config.journal_sync;
     let journal = match &config.journal_dir {
         Some(dir) => {
             let (j, old) = Journal::open(dir).context("opening the journal")?;
@@ -134,7 +135,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
             Some(
                 std::thread::Builder::new()
                     .name("tokenbudget-journal".into())
-                    .spawn(move || journal::run(l, j))
+                    .spawn(move || journal::run(l, j, sync_every))
                     .context("starting the journal thread")?,
             )
         }

@@ -174,6 +174,7 @@ struct RawAdmission {
     always_read_body: bool,
     no_state: String,
     max_body_bytes: u64,
+    response_headers: String,
 }
 
 impl Default for RawAdmission {
@@ -188,6 +189,7 @@ impl Default for RawAdmission {
             always_read_body: d.always_read_body,
             no_state: "deny".into(),
             max_body_bytes: d.max_body_bytes,
+            response_headers: "all".into(),
         }
     }
 }
@@ -218,6 +220,7 @@ struct RawLedger {
     sync_interval_ms: u64,
     refresh_interval_ms: u64,
     journal_dir: String,
+    journal_sync_ms: u64,
     durable_settle: bool,
     reservation_ttl_seconds: u64,
     mode: String,
@@ -235,6 +238,7 @@ impl Default for RawLedger {
             sync_interval_ms: 500,
             refresh_interval_ms: 1000,
             journal_dir: "tokenbudget-journal".into(),
+            journal_sync_ms: 1000,
             durable_settle: false,
             reservation_ttl_seconds: 3600,
             mode: "sync".into(),
@@ -284,6 +288,8 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Where settled debits are journaled before the store; `None` disables the journal.
     pub journal_dir: Option<PathBuf>,
+    /// The journal syncs at most this often (group commit).
+    pub journal_sync: Duration,
     /// Lease mode (`ledger.mode = "lease"`): strict global limits across replicas.
     pub lease: Option<crate::ledger::lease::LeaseConfig>,
     pub log_level: String,
@@ -468,6 +474,18 @@ impl Config {
                 ));
             }
         };
+        let budget_headers = match a.response_headers.as_str() {
+            "all" => crate::extproc::reply::BudgetHeaders::All,
+            "tokenbudget" => crate::extproc::reply::BudgetHeaders::Tokenbudget,
+            "ratelimit" => crate::extproc::reply::BudgetHeaders::Ratelimit,
+            "none" => crate::extproc::reply::BudgetHeaders::None,
+            other => {
+                return Err(err(
+                    "admission.response_headers",
+                    format!("expected all, tokenbudget, ratelimit or none, got {other:?}"),
+                ));
+            }
+        };
         if a.max_body_bytes < 1024 {
             return Err(err("admission.max_body_bytes", "must be at least 1024"));
         }
@@ -490,6 +508,9 @@ impl Config {
             if v == 0 {
                 return Err(err(key, "must be at least 1"));
             }
+        }
+        if l.journal_sync_ms > 60_000 {
+            return Err(err("ledger.journal_sync_ms", "must be at most 60000"));
         }
         if raw.server.grpc_workers == 0 || raw.server.grpc_workers > 256 {
             return Err(err("server.grpc_workers", "must be 1 to 256"));
@@ -633,6 +654,7 @@ impl Config {
                 durable_settle: l.durable_settle,
                 no_state,
                 max_body_bytes: a.max_body_bytes,
+                budget_headers,
             },
             timezone,
             unpriced,
@@ -653,6 +675,7 @@ impl Config {
             },
             queue_capacity: l.queue_capacity,
             lease,
+            journal_sync: Duration::from_millis(l.journal_sync_ms),
             journal_dir: (!l.journal_dir.trim().is_empty())
                 .then(|| PathBuf::from(l.journal_dir.trim())),
             log_level: raw.log.level,

@@ -148,3 +148,32 @@ pub mod fixtures {
         out
     }
 }
+
+/// A ledger holding `rows` as its policy and ready to admit, without a store (benches and
+/// in-process tests of the request path).
+pub fn ready_ledger(
+    rows: crate::store::PolicyRows,
+    clock: crate::clock::SharedClock,
+) -> std::sync::Arc<crate::ledger::Ledger> {
+    let ledger = crate::ledger::Ledger::new(
+        crate::ledger::PolicySettings {
+            tz: chrono_tz::UTC,
+            unpriced: crate::policy::UnpricedModel::Allow,
+            models: crate::policy::ModelAliases::standard(),
+            groups: Vec::new(),
+        },
+        clock,
+        1 << 20,
+        std::sync::Arc::default(),
+    );
+    ledger.install_policy(rows);
+    ledger.set_ready();
+    ledger
+}
+
+/// Takes every queued record off `ledger` as if the store had written them; returns how many.
+pub fn drain_ledger(ledger: &crate::ledger::Ledger) -> usize {
+    let taken = ledger.take_batch(usize::MAX);
+    ledger.mark_flushed(&taken);
+    taken.batch.len()
+}

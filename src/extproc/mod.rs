@@ -56,6 +56,8 @@ pub struct ExtProcConfig {
     /// Request bodies declared larger than this are not read: the request is decided from its
     /// headers (prompt estimated from `content-length`; model from the route or path).
     pub max_body_bytes: u64,
+    /// The budget headers of allowed responses.
+    pub budget_headers: reply::BudgetHeaders,
 }
 
 /// A request whose budgets have no state in memory — the store has not answered since start and
@@ -82,6 +84,7 @@ impl Default for ExtProcConfig {
             durable_settle: false,
             no_state: NoState::Deny,
             max_body_bytes: 4 << 20,
+            budget_headers: reply::BudgetHeaders::All,
         }
     }
 }
@@ -174,9 +177,6 @@ pub struct Replies {
     inbound: Streaming<ep::ProcessingRequest>,
     /// A response body chunk already answered, to meter before anything else.
     unmetered: Option<(Vec<u8>, bool)>,
-    /// The poll after an answered chunk returned Pending once, so tonic wrote the reply out
-    /// before the chunk is metered.
-    flushed: bool,
     waiting: Option<Wait>,
     /// Shutdown's grace period is over.
     abort: Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -199,7 +199,6 @@ impl Replies {
             state,
             inbound,
             unmetered: None,
-            flushed: false,
             waiting: None,
             abort: Box::pin(async move {
                 let _ = abort.wait_for(|a| *a).await;
@@ -224,17 +223,12 @@ impl Stream for Replies {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.unmetered.is_some() {
-            if !this.flushed {
-                // Let tonic send the reply first; we are polled again at once.
-                this.flushed = true;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            this.flushed = false;
-            if let Some((body, eos)) = this.unmetered.take() {
-                this.state.meter_chunk(&body, eos);
-            }
+        // The previous poll handed this chunk's reply to tonic; meter it now, before the next
+        // message. (Yielding once more so the reply is written first cost one extra write
+        // syscall per reply — a third more kernel time per request — against ~1 ns per byte
+        // of parsing.)
+        if let Some((body, eos)) = this.unmetered.take() {
+            this.state.meter_chunk(&body, eos);
         }
         if this.ended {
             return Poll::Ready(None);

@@ -323,7 +323,7 @@ pub fn denied(
                 &go_duration(secs),
             ));
         }
-        headers.extend(budget_headers(s, now));
+        headers.extend(budget_headers(s, now, BudgetHeaders::All));
     }
     immediate(status, headers, body.to_string(), kind)
 }
@@ -367,15 +367,43 @@ fn deny_message(d: &Denial) -> String {
     }
 }
 
+/// Which budget headers allowed responses carry (429s carry them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetHeaders {
+    /// `x-tokenbudget-*` and the IETF `RateLimit-Policy` / `RateLimit`. Together they make the
+    /// response-headers reply larger than HTTP/2's 256-byte write-combining threshold, which
+    /// costs one more socket write per request (measured in BENCHMARKS.md).
+    All,
+    Tokenbudget,
+    Ratelimit,
+    None,
+}
+
 /// Our own headers and the IETF draft's for the binding budget, on allowed responses and 429s.
-pub fn budget_headers(s: &BudgetStatus, now: DateTime<Utc>) -> Vec<HeaderValueOption> {
+pub fn budget_headers(
+    s: &BudgetStatus,
+    now: DateTime<Utc>,
+    set: BudgetHeaders,
+) -> Vec<HeaderValueOption> {
     let name = sf_string(&s.name);
     let remaining = s.remaining();
-    let mut out = vec![
-        header("x-tokenbudget-limit", &show_plain(s.unit, s.limit)),
-        header("x-tokenbudget-remaining", &show_plain(s.unit, remaining)),
-        header("x-tokenbudget-unit", s.unit.as_str()),
-    ];
+    let mut out = Vec::with_capacity(6);
+    let ours = matches!(set, BudgetHeaders::All | BudgetHeaders::Tokenbudget);
+    let ietf = matches!(set, BudgetHeaders::All | BudgetHeaders::Ratelimit);
+    if ours {
+        out.push(header("x-tokenbudget-limit", &show_plain(s.unit, s.limit)));
+        out.push(header(
+            "x-tokenbudget-remaining",
+            &show_plain(s.unit, remaining),
+        ));
+        out.push(header("x-tokenbudget-unit", s.unit.as_str()));
+        if let Some(t) = s.reset_after(now) {
+            out.push(header("x-tokenbudget-reset", &t.to_string()));
+        }
+    }
+    if !ietf {
+        return out;
+    }
     // The IETF draft's quota is an integer: USD budgets are expressed in micro-dollars.
     let (q, r) = match s.unit {
         Unit::Tokens => (s.limit, remaining),
@@ -392,7 +420,6 @@ pub fn budget_headers(s: &BudgetStatus, now: DateTime<Utc>) -> Vec<HeaderValueOp
     policy.push_str(&format!(";tb-unit=\"{unit_param}\""));
     let mut limit = format!("{name};r={r}");
     if let Some(t) = s.reset_after(now) {
-        out.push(header("x-tokenbudget-reset", &t.to_string()));
         limit.push_str(&format!(";t={t}"));
     }
     out.push(header("ratelimit-policy", &policy));

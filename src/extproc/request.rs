@@ -3,8 +3,6 @@
 //! Also the one body change we make: adding `stream_options.include_usage` so streamed chat
 //! responses report usage.
 
-use serde_json::Value;
-
 use crate::meter::Api;
 
 /// Whose error shapes a route's callers expect (their SDKs parse them).
@@ -211,49 +209,372 @@ pub struct BodyFacts {
 }
 
 /// Reads a request body. `None` if it is not a JSON object (the upstream will reject it).
+///
+/// One pass over the bytes with serde's visitors: the fields that matter are read, prompt text is
+/// measured without being copied, everything else is skipped — no `serde_json::Value` tree, no
+/// allocation but the model name.
 pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    let obj = v.as_object()?;
-    let u = |k: &str| obj.get(k).and_then(Value::as_u64);
-    let stream_options = obj.get("stream_options");
-    let mut prompt_bytes = 0;
-    for key in ["messages", "prompt", "input", "system", "contents"] {
-        if let Some(x) = obj.get(key) {
-            prompt_bytes += text_bytes(x);
-        }
-    }
-    if let Some(Value::Array(msgs)) = obj.get("messages") {
-        // Each message carries a few tokens of framing.
-        prompt_bytes += 16 * msgs.len() as u64;
-    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let raw = serde::Deserializer::deserialize_map(&mut de, FactsVisitor).ok()?;
+    de.end().ok()?;
     Some(BodyFacts {
-        model: obj.get("model").and_then(Value::as_str).map(str::to_owned),
-        max_output: u("max_completion_tokens")
-            .or_else(|| u("max_tokens"))
-            .or_else(|| u("max_output_tokens")),
-        choices: u("n").unwrap_or(1).max(u("best_of").unwrap_or(1)).max(1),
-        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        includes_usage: stream_options
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        has_stream_options: stream_options.is_some_and(|o| !o.is_null()),
-        prompt_bytes,
+        model: raw.model,
+        max_output: raw
+            .max_completion_tokens
+            .or(raw.max_tokens)
+            .or(raw.max_output_tokens),
+        choices: raw.n.unwrap_or(1).max(raw.best_of.unwrap_or(1)).max(1),
+        stream: raw.stream.unwrap_or(false),
+        includes_usage: raw.include_usage,
+        has_stream_options: raw.has_stream_options,
+        // Each message carries a few tokens of framing.
+        prompt_bytes: raw.prompt_bytes + 16 * raw.messages,
     })
 }
 
-/// Bytes of text in a prompt-like value: strings, arrays of strings, content parts (`text`,
-/// `content` fields). Structure beyond that is not counted.
-fn text_bytes(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => s.len() as u64,
-        Value::Array(a) => a.iter().map(text_bytes).sum(),
-        Value::Object(o) => ["content", "text", "parts"]
-            .iter()
-            .filter_map(|k| o.get(*k))
-            .map(text_bytes)
-            .sum(),
-        _ => 0,
+#[derive(Default)]
+struct RawFacts {
+    model: Option<String>,
+    max_completion_tokens: Option<u64>,
+    max_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    n: Option<u64>,
+    best_of: Option<u64>,
+    stream: Option<bool>,
+    include_usage: bool,
+    has_stream_options: bool,
+    prompt_bytes: u64,
+    messages: u64,
+}
+
+struct FactsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FactsVisitor {
+    type Value = RawFacts;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawFacts, A::Error> {
+        use serde::de::IgnoredAny;
+        let mut f = RawFacts::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "model" => {
+                    f.model = map
+                        .next_value::<Lenient<std::borrow::Cow<'de, str>>>()?
+                        .0
+                        .map(std::borrow::Cow::into_owned)
+                }
+                "max_completion_tokens" => {
+                    f.max_completion_tokens = map.next_value::<Lenient<u64>>()?.0
+                }
+                "max_tokens" => f.max_tokens = map.next_value::<Lenient<u64>>()?.0,
+                "max_output_tokens" => f.max_output_tokens = map.next_value::<Lenient<u64>>()?.0,
+                "n" => f.n = map.next_value::<Lenient<u64>>()?.0,
+                "best_of" => f.best_of = map.next_value::<Lenient<u64>>()?.0,
+                "stream" => f.stream = map.next_value::<Lenient<bool>>()?.0,
+                "stream_options" => {
+                    let o = map.next_value::<StreamOptions>()?;
+                    f.has_stream_options = o.present;
+                    f.include_usage = o.include_usage;
+                }
+                "messages" => {
+                    let t = map.next_value::<TextBytes>()?;
+                    f.prompt_bytes += t.bytes;
+                    f.messages = t.items;
+                }
+                "prompt" | "input" | "system" | "contents" => {
+                    f.prompt_bytes += map.next_value::<TextBytes>()?.bytes
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// A value of type `T` if it is one, else nothing (whatever it was is skipped).
+struct Lenient<T>(Option<T>);
+
+/// A scalar as found, or `Other` for anything else (skipped without allocating).
+enum Scalar {
+    U(u64),
+    I(i64),
+    B(bool),
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar::U(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::I(v))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar::B(v))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Scalar, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Scalar, A::Error> {
+                while m
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lenient<u64> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Lenient(match Scalar::deserialize(d)? {
+            Scalar::U(v) => Some(v),
+            Scalar::I(v) => u64::try_from(v).ok(),
+            _ => None,
+        }))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lenient<bool> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Lenient(match Scalar::deserialize(d)? {
+            Scalar::B(v) => Some(v),
+            _ => None,
+        }))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lenient<std::borrow::Cow<'de, str>> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Lenient<std::borrow::Cow<'de, str>>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Lenient(Some(std::borrow::Cow::Borrowed(v))))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(Some(std::borrow::Cow::Owned(v.to_owned()))))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<Self::Value, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                while m
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Lenient(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `stream_options`: present (not null), and whether `include_usage` is true.
+struct StreamOptions {
+    present: bool,
+    include_usage: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for StreamOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StreamOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<StreamOptions, E> {
+                Ok(StreamOptions {
+                    present: false,
+                    include_usage: false,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<StreamOptions, A::Error> {
+                let mut include_usage = false;
+                while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if k == "include_usage" {
+                        include_usage = m.next_value::<Lenient<bool>>()?.0.unwrap_or(false);
+                    } else {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(StreamOptions {
+                    present: true,
+                    include_usage,
+                })
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<StreamOptions, E> {
+                Ok(StreamOptions {
+                    present: true,
+                    include_usage: false,
+                })
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<StreamOptions, E> {
+                Ok(StreamOptions {
+                    present: true,
+                    include_usage: false,
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<StreamOptions, E> {
+                Ok(StreamOptions {
+                    present: true,
+                    include_usage: false,
+                })
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<StreamOptions, E> {
+                Ok(StreamOptions {
+                    present: true,
+                    include_usage: false,
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<StreamOptions, E> {
+                Ok(StreamOptions {
+                    present: true,
+                    include_usage: false,
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<StreamOptions, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(StreamOptions {
+                    present: true,
+                    include_usage: false,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Bytes of text in a prompt-like value, measured in place: strings, arrays of them, and the
+/// `content`, `text` and `parts` fields of objects (content parts). `items`: the length of a
+/// top-level array (messages). Nothing is copied.
+#[derive(Default)]
+struct TextBytes {
+    bytes: u64,
+    items: u64,
+}
+
+impl<'de> serde::Deserialize<'de> for TextBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextVisitor)
+    }
+}
+
+struct TextVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TextVisitor {
+    type Value = TextBytes;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any value")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TextBytes, E> {
+        Ok(TextBytes {
+            bytes: v.len() as u64,
+            items: 0,
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<TextBytes, A::Error> {
+        let mut t = TextBytes::default();
+        while let Some(x) = s.next_element::<TextBytes>()? {
+            t.bytes += x.bytes;
+            t.items += 1;
+        }
+        Ok(t)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<TextBytes, A::Error> {
+        let mut t = TextBytes::default();
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            if matches!(k.as_ref(), "content" | "text" | "parts") {
+                t.bytes += m.next_value::<TextBytes>()?.bytes;
+            } else {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(t)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<TextBytes, E> {
+        Ok(TextBytes::default())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<TextBytes, E> {
+        Ok(TextBytes::default())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<TextBytes, E> {
+        Ok(TextBytes::default())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<TextBytes, E> {
+        Ok(TextBytes::default())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<TextBytes, E> {
+        Ok(TextBytes::default())
     }
 }
 
@@ -284,6 +605,7 @@ pub fn inject_include_usage(body: &[u8], facts: &BodyFacts) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn routes_tell_family_dialect_and_model() {
@@ -384,6 +706,116 @@ mod tests {
             "llama3-3-70b-instruct"
         );
         assert_eq!(percent_decode("a%3Ab%2"), "a:b%2");
+    }
+
+    /// The first version, over a `serde_json::Value` tree: the one-pass reader must agree.
+    fn reference_facts(body: &[u8]) -> Option<BodyFacts> {
+        fn text_bytes(v: &Value) -> u64 {
+            match v {
+                Value::String(s) => s.len() as u64,
+                Value::Array(a) => a.iter().map(text_bytes).sum(),
+                Value::Object(o) => ["content", "text", "parts"]
+                    .iter()
+                    .filter_map(|k| o.get(*k))
+                    .map(text_bytes)
+                    .sum(),
+                _ => 0,
+            }
+        }
+        let v: Value = serde_json::from_slice(body).ok()?;
+        let obj = v.as_object()?;
+        let u = |k: &str| obj.get(k).and_then(Value::as_u64);
+        let stream_options = obj.get("stream_options");
+        let mut prompt_bytes = 0;
+        for key in ["messages", "prompt", "input", "system", "contents"] {
+            if let Some(x) = obj.get(key) {
+                prompt_bytes += text_bytes(x);
+            }
+        }
+        if let Some(Value::Array(msgs)) = obj.get("messages") {
+            prompt_bytes += 16 * msgs.len() as u64;
+        }
+        Some(BodyFacts {
+            model: obj.get("model").and_then(Value::as_str).map(str::to_owned),
+            max_output: u("max_completion_tokens")
+                .or_else(|| u("max_tokens"))
+                .or_else(|| u("max_output_tokens")),
+            choices: u("n").unwrap_or(1).max(u("best_of").unwrap_or(1)).max(1),
+            stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            includes_usage: stream_options
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            has_stream_options: stream_options.is_some_and(|o| !o.is_null()),
+            prompt_bytes,
+        })
+    }
+
+    #[test]
+    fn the_one_pass_body_reader_agrees_with_a_full_parse() {
+        for body in [
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"model":"g\u0070t-4o\n","max_tokens":7,"stream":true,"stream_options":null}"#,
+            r#"{"model":7,"max_tokens":-5,"n":1.5,"best_of":3,"stream":"yes","stream_options":{}}"#,
+            r#"{"stream_options":{"include_usage":true,"x":[1,{"a":2}]},"stream":true}"#,
+            r#"{"stream_options":"on","max_output_tokens":99,"max_completion_tokens":null}"#,
+            r#"{"messages":[{"content":[{"type":"text","text":"abc"},{"type":"image_url","image_url":{"url":"data:x"}}]},{"content":null},"loose"],"system":[{"text":"sys"}]}"#,
+            r#"{"contents":[{"role":"user","parts":[{"text":"gemini"}]}],"input":["a","bb"],"prompt":"p"}"#,
+            r#"{"model":"a","model":"b","max_tokens":1,"max_tokens":2}"#,
+            r#"{"nested":{"model":"no","messages":["x"]},"model":"yes"}"#,
+            r#"{}"#,
+            r#"[1]"#,
+            r#"{"model":"x""#,
+            r#"{"model":"x"} trailing"#,
+            r#"not json"#,
+        ] {
+            assert_eq!(
+                body_facts(body.as_bytes()),
+                reference_facts(body.as_bytes()),
+                "{body}"
+            );
+        }
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("model".to_string()),
+            Just("max_tokens".to_string()),
+            Just("n".to_string()),
+            Just("stream".to_string()),
+            Just("stream_options".to_string()),
+            Just("include_usage".to_string()),
+            Just("messages".to_string()),
+            Just("content".to_string()),
+            Just("text".to_string()),
+            Just("parts".to_string()),
+            Just("prompt".to_string()),
+            "[a-z]{1,4}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e9f64..1e9).prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 40, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((key.clone(), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_json_body_reads_the_same_as_a_full_parse(v in json_value()) {
+            let body = serde_json::to_vec(&v).unwrap();
+            proptest::prop_assert_eq!(body_facts(&body), reference_facts(&body));
+        }
     }
 
     #[test]

@@ -451,7 +451,8 @@ impl StreamState {
         let set = self
             .binding
             .as_ref()
-            .map(|b| reply::budget_headers(b, now))
+            .filter(|_| self.shared.config.budget_headers != reply::BudgetHeaders::None)
+            .map(|b| reply::budget_headers(b, now, self.shared.config.budget_headers))
             .unwrap_or_default();
         if !(200..300).contains(&status) {
             // Upstream error: it carries no usage; the reservation is released.

@@ -147,6 +147,20 @@ impl Journal {
 
     /// Appends `records` (in sequence order) and syncs them to disk.
     pub fn append(&mut self, records: &[(u64, Record)]) -> io::Result<()> {
+        self.write(records)?;
+        self.sync()
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        match self.current.as_mut() {
+            Some((file, _)) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends `records` (in sequence order) without syncing them.
+    pub fn write(&mut self, records: &[(u64, Record)]) -> io::Result<()> {
         let Some(&(last_seq, _)) = records.last() else {
             return Ok(());
         };
@@ -181,7 +195,6 @@ impl Journal {
         }
         if let Some((file, seg)) = self.current.as_mut() {
             file.write_all(&self.buf)?;
-            file.sync_data()?;
             seg.bytes += self.buf.len() as u64;
             seg.last_seq = last_seq;
         }
@@ -220,29 +233,70 @@ impl Journal {
     }
 }
 
-/// The journal thread: writes pending records in groups (one sync each) and forgets segments the
-/// store has, until the ledger stops journaling; returns the journal for the final clean-up.
-pub fn run(ledger: std::sync::Arc<super::Ledger>, mut journal: Journal) -> Journal {
+/// How long the journal thread lets a group of records gather before writing it.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The journal thread. Records are written to the OS in groups, within [`GATHER`] of being
+/// settled — from then on a crash of this process (SIGKILL, OOM) loses none of them, and they are
+/// reported durable — and synced to the disk (`fdatasync`) at most every `sync_every`, which
+/// bounds what a crash of the machine itself can lose. Segments the store has are forgotten.
+/// Runs until the ledger stops journaling; returns the journal for the final clean-up.
+pub fn run(
+    ledger: std::sync::Arc<super::Ledger>,
+    mut journal: Journal,
+    sync_every: std::time::Duration,
+) -> Journal {
+    use std::time::{Duration, Instant};
     let m = std::sync::Arc::clone(&ledger.metrics);
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    let sync = |journal: &mut Journal, unsynced: &mut bool, last_sync: &mut Instant| {
+        let started = Instant::now();
+        if let Err(e) = journal.sync() {
+            m.journal_errors.inc();
+            tracing::error!(error = %e, "journal sync failed");
+        }
+        m.journal_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        *unsynced = false;
+        *last_sync = Instant::now();
+    };
     loop {
-        match ledger.take_pending(std::time::Duration::from_millis(200)) {
-            Some(records) => {
-                let started = std::time::Instant::now();
-                if let Err(e) = journal.append(&records) {
-                    // Kept in memory and still written to the store; only crash safety is lost.
-                    m.journal_errors.inc();
-                    tracing::error!(error = %e, records = records.len(), "journal write failed");
-                }
-                m.journal_sync_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                ledger.journaled(records);
+        // Woken by the first record of a group (or every 200 ms, to sync and clean up).
+        let Some(mut records) = ledger.take_pending(Duration::from_millis(200)) else {
+            if unsynced && (ledger.journal_stopping() || last_sync.elapsed() >= sync_every) {
+                sync(&mut journal, &mut unsynced, &mut last_sync);
             }
-            None if ledger.journal_stopping() => break,
-            None => {}
+            if ledger.journal_stopping() {
+                break;
+            }
+            journal.flushed(ledger.flushed_seq());
+            continue;
+        };
+        if !ledger.journal_stopping() {
+            std::thread::sleep(GATHER);
+        }
+        if let Some(more) = ledger.take_pending(Duration::ZERO) {
+            records.extend(more);
+        }
+        if let Err(e) = journal.write(&records) {
+            // Kept in memory and still written to the store; only crash safety is lost.
+            ledger.metrics.journal_errors.inc();
+            tracing::error!(error = %e, records = records.len(), "journal write failed");
+        }
+        unsynced = true;
+        ledger.journaled(records);
+        if last_sync.elapsed() >= sync_every {
+            sync(&mut journal, &mut unsynced, &mut last_sync);
         }
         journal.flushed(ledger.flushed_seq());
-        m.journal_bytes
+        ledger
+            .metrics
+            .journal_bytes
             .set(i64::try_from(journal.bytes()).unwrap_or(i64::MAX));
+    }
+    if unsynced {
+        sync(&mut journal, &mut unsynced, &mut last_sync);
     }
     journal
 }

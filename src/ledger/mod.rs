@@ -321,6 +321,9 @@ impl Ledger {
         let seq = inbox.next_seq;
         inbox.next_seq += 1;
         let journaling = self.journaling.load(Ordering::Acquire);
+        // The journal thread sleeps until the first record of a group arrives (then gathers for
+        // up to `journal_sync_ms`): only that record wakes it, not every one.
+        let first = journaling && inbox.pending.is_empty();
         if journaling {
             inbox.pending.push((seq, r));
         } else {
@@ -330,9 +333,9 @@ impl Ledger {
             self.metrics.queue_overflow.inc();
         }
         drop(inbox);
-        if journaling {
+        if first {
             self.journal_wake.notify_one();
-        } else {
+        } else if !journaling {
             self.durable.send_replace(seq);
             self.wake.notify_one();
         }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::budget::{Action, BudgetId, Principal, Unit};
 use super::matching::MatchCache;
 use super::money::TokenClasses;
-use super::window::Window;
+use super::window::{Window, WindowCache};
 use super::{Policy, UnpricedModel};
 
 /// An amount in both units at once, so a budget can change unit without losing its history.
@@ -423,9 +423,11 @@ impl Evaluation {
 /// Every counter this process knows, current window only, and the matches of recent callers.
 #[derive(Debug, Default)]
 pub struct Counters {
-    map: HashMap<CounterKey, Counter>,
+    /// foldhash, not SipHash: keys are our own ids, hashed several times per request.
+    map: HashMap<CounterKey, Counter, foldhash::fast::RandomState>,
     matches: MatchCache,
     last_match_hit: bool,
+    windows: WindowCache,
 }
 
 impl Counters {
@@ -437,8 +439,9 @@ impl Counters {
         now: DateTime<Utc>,
         tz: Tz,
     ) -> &mut Counter {
+        let oldest = self.windows.oldest(window, now, tz);
         let c = self.map.entry(key.clone()).or_default();
-        c.prune(window.oldest_counted(now, tz));
+        c.prune(oldest);
         c
     }
 
@@ -463,6 +466,9 @@ impl Counters {
                 budget: budget.id.clone(),
                 member: Arc::clone(&m.member),
             };
+            let epoch = self.windows.lease_epoch(&budget.window, now, policy.tz);
+            let oldest = self.windows.oldest(&budget.window, now, policy.tz);
+            let end = self.windows.bounds(&budget.window, now, policy.tz).end;
             let c = self.at(&key, &budget.window, now, policy.tz);
             let unit = budget.limit.unit();
             let limit = budget.limit.value();
@@ -473,7 +479,6 @@ impl Counters {
                 && budget.action == Action::Enforce
                 && ask.lease != LeaseStep::Bypass)
                 .then_some(unit);
-            let epoch = budget.window.lease_epoch(now, policy.tz);
             if leased.is_some()
                 && let Some(l) = c.lease_for(epoch, now_ms)
                 && l.short_until_ms > now_ms
@@ -497,7 +502,7 @@ impl Counters {
                     need = Some(LeaseNeed {
                         key: key.clone(),
                         epoch,
-                        oldest: budget.window.oldest_counted(now, policy.tz),
+                        oldest,
                         unit,
                         limit,
                         want: want - c.lease_headroom(epoch, unit, now_ms),
@@ -516,7 +521,7 @@ impl Counters {
                     };
                     c.rolling_reset(&budget.window, unit, limit, need)
                 }
-                w => w.bounds(now, policy.tz).end,
+                _ => end,
             };
             let status = BudgetStatus {
                 budget: budget.id.clone(),
@@ -571,6 +576,7 @@ impl Counters {
                         counter.lease.used_ms = now_ms;
                         // Top the lease up before it runs dry, so the next request need not wait.
                         let epoch = c.status.window.lease_epoch(now, policy.tz);
+                        // (Admitted already: the window cache was consulted in `evaluate`.)
                         let left = counter.lease_headroom(epoch, unit, now_ms);
                         if left < c.want.max(counter.lease.granted / 4) {
                             refills.push(LeaseNeed {
@@ -616,7 +622,8 @@ impl Counters {
     ) -> Vec<CounterDelta> {
         let mut deltas = Vec::with_capacity(r.entries.len());
         for held in &r.entries {
-            let bucket = held.window.bucket(now, tz);
+            let bucket = self.windows.bucket(&held.window, now, tz);
+            let epoch = self.windows.lease_epoch(&held.window, now, tz);
             let c = self.at(&held.key, &held.window, now, tz);
             c.reserved.sub(held.amount);
             let b = c.bucket_mut(bucket);
@@ -626,10 +633,7 @@ impl Counters {
                 key: held.key.clone(),
                 bucket,
                 amount: actual,
-                lease: held.leased.map(|unit| LeaseUse {
-                    epoch: held.window.lease_epoch(now, tz),
-                    unit,
-                }),
+                lease: held.leased.map(|unit| LeaseUse { epoch, unit }),
             });
         }
         deltas

@@ -52,9 +52,9 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct MatchCache {
     generation: u64,
-    entries: HashMap<u64, Vec<Entry>>,
+    entries: HashMap<u64, Vec<Entry>, foldhash::fast::RandomState>,
     len: usize,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl MatchCache {

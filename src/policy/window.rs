@@ -397,3 +397,116 @@ mod tests {
         assert!(cal(WindowUnit::Hour, 12).validate().is_ok());
     }
 }
+
+/// The current bounds of calendar windows, remembered until they end: working out a window in a
+/// time zone is the dearest step of a decision, and every request of the day asks again.
+/// Rolling and lifetime windows are plain arithmetic and are not kept.
+#[derive(Debug, Default)]
+pub struct WindowCache {
+    calendar: Vec<(Window, Tz, Bounds)>,
+}
+
+impl WindowCache {
+    /// Windows kept before the cache is emptied.
+    const CAPACITY: usize = 256;
+
+    pub fn bounds(&mut self, w: &Window, now: DateTime<Utc>, tz: Tz) -> Bounds {
+        if !matches!(w, Window::Calendar { .. }) {
+            return w.bounds(now, tz);
+        }
+        let current = |b: &Bounds| b.start <= now && b.end.is_some_and(|e| now < e);
+        if let Some((_, _, b)) = self
+            .calendar
+            .iter()
+            .find(|(x, t, b)| x == w && *t == tz && current(b))
+        {
+            return *b;
+        }
+        let b = w.bounds(now, tz);
+        match self
+            .calendar
+            .iter_mut()
+            .find(|(x, t, _)| x == w && *t == tz)
+        {
+            Some(slot) => slot.2 = b,
+            None => {
+                if self.calendar.len() >= Self::CAPACITY {
+                    self.calendar.clear();
+                }
+                self.calendar.push((*w, tz, b));
+            }
+        }
+        b
+    }
+
+    /// [`Window::bucket`], through the cache.
+    pub fn bucket(&mut self, w: &Window, now: DateTime<Utc>, tz: Tz) -> i64 {
+        match w {
+            Window::Calendar { .. } => self.bounds(w, now, tz).bucket(),
+            _ => w.bucket(now, tz),
+        }
+    }
+
+    /// [`Window::oldest_counted`], through the cache.
+    pub fn oldest(&mut self, w: &Window, now: DateTime<Utc>, tz: Tz) -> i64 {
+        match w {
+            Window::Calendar { .. } => self.bounds(w, now, tz).bucket(),
+            _ => w.oldest_counted(now, tz),
+        }
+    }
+
+    /// [`Window::lease_epoch`], through the cache.
+    pub fn lease_epoch(&mut self, w: &Window, now: DateTime<Utc>, tz: Tz) -> i64 {
+        match w {
+            Window::Calendar { .. } => self.bounds(w, now, tz).bucket(),
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_agrees_with_the_window_at_every_instant_and_across_boundaries() {
+        let tz: Tz = "Europe/Paris".parse().unwrap();
+        let mut cache = WindowCache::default();
+        let windows = [
+            Window::Calendar {
+                unit: WindowUnit::Hour,
+                every: 6,
+            },
+            Window::Calendar {
+                unit: WindowUnit::Day,
+                every: 1,
+            },
+            Window::Calendar {
+                unit: WindowUnit::Week,
+                every: 1,
+            },
+            Window::Calendar {
+                unit: WindowUnit::Month,
+                every: 1,
+            },
+            Window::Rolling {
+                unit: WindowUnit::Hour,
+                every: 1,
+            },
+            Window::Total,
+        ];
+        // Across the autumn DST change, in steps that cross every boundary.
+        let mut t = DateTime::parse_from_rfc3339("2026-10-24T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for _ in 0..2_000 {
+            for w in &windows {
+                assert_eq!(cache.bounds(w, t, tz), w.bounds(t, tz), "{w:?} at {t}");
+                assert_eq!(cache.bucket(w, t, tz), w.bucket(t, tz));
+                assert_eq!(cache.oldest(w, t, tz), w.oldest_counted(t, tz));
+                assert_eq!(cache.lease_epoch(w, t, tz), w.lease_epoch(t, tz));
+            }
+            t += chrono::Duration::minutes(17);
+        }
+    }
+}
