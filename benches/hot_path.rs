@@ -2,6 +2,8 @@
 //! over realistic streams fed in 16 KiB chunks, the HTTP/2 DATA frame size), and the admission
 //! decision from memory with 10 matching budgets. Numbers go to BENCHMARKS.md.
 
+#![allow(clippy::panic)] // bench set-up: a broken fixture must fail loudly
+
 use std::hint::black_box;
 use std::sync::Arc;
 
