@@ -114,7 +114,7 @@ fn scanner(c: &mut Criterion) {
     g.finish();
 }
 
-fn decision(c: &mut Criterion) {
+fn decision_policy() -> (Policy, Principal) {
     let budget = |i: usize, kind: SubjectKind, name: &str| Budget {
         id: BudgetId(Arc::from(format!("b{i}"))),
         name: format!("budget {i}"),
@@ -163,6 +163,11 @@ fn decision(c: &mut Criterion) {
         UnpricedModel::Allow,
     );
     let alice = Principal::user("alice").with_groups(["ml", "eng"]);
+    (policy, alice)
+}
+
+fn decision(c: &mut Criterion) {
+    let (policy, alice) = decision_policy();
     let ask = Ask {
         principal: &alice,
         model: Some("gpt-4o"),
@@ -334,5 +339,118 @@ fn request_lifecycle(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, scanner, decision, request_lifecycle);
+/// The decision path's tail: admit + release of 10 matching budgets (of 100), timed one by one,
+/// the caller's matches cached. Criterion reports the mean; this prints the percentiles.
+fn decision_percentiles(c: &mut Criterion) {
+    let (policy, alice) = decision_policy();
+    let ask = Ask {
+        principal: &alice,
+        model: Some("gpt-4o"),
+        estimate: TokenClasses {
+            input: 500,
+            output: 1000,
+            ..Default::default()
+        },
+        lease: LeaseStep::Acquire,
+    };
+    let now: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_default();
+    let mut counters = Counters::default();
+    let mut one = || {
+        let t = std::time::Instant::now();
+        if let Admission::Allowed { reservation, .. } =
+            counters.admit(&policy, black_box(&ask), now)
+        {
+            counters.release(&reservation);
+        }
+        t.elapsed()
+    };
+    for _ in 0..10_000 {
+        one();
+    }
+    let mut samples: Vec<std::time::Duration> = (0..1_000_000).map(|_| one()).collect();
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    eprintln!(
+        "decision (admit + release, 10 of 100 budgets, 1 000 000 timed one by one): p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        samples[samples.len() - 1]
+    );
+    c.bench_function("decision_timed_individually", |b| {
+        b.iter(|| black_box(one()))
+    });
+}
+
+/// Encoding settled debits for the journal (every debit is encoded once, off the request path).
+fn debit_encoding(c: &mut Criterion) {
+    use tokenbudget::ledger::journal::{Record, encode_records};
+    use tokenbudget::policy::{Amount, CounterDelta, CounterKey, NanoUsd};
+    use tokenbudget::store::{Debit, UsageEvent};
+    let records: Vec<(u64, Record)> = (0..1000u64)
+        .map(|i| {
+            (
+                i,
+                Record::Debit(Debit {
+                    event: UsageEvent {
+                        event_id: format!("0193a7c2-5f1e-7c3a-9d2b-{i:012}"),
+                        request_id: format!("0d1c0a52-6c1f-4e4d-9d0a-{i:012}"),
+                        ts_ms: 1_796_300_000_000 + i as i64,
+                        principal: format!("user:someone-{}", i % 50),
+                        model: "gpt-4o-mini".into(),
+                        family: "openai".into(),
+                        input: 900 + i,
+                        cache_read: 128,
+                        cache_write: 0,
+                        cache_write_1h: 0,
+                        output: 250,
+                        reasoning: 0,
+                        cost: NanoUsd(180_000 + i),
+                        estimated: false,
+                        outcome: "complete".into(),
+                        unpriced: false,
+                    },
+                    deltas: (0..3)
+                        .map(|b| CounterDelta {
+                            key: CounterKey {
+                                budget: BudgetId(Arc::from(format!(
+                                    "0193a7c2-0000-7000-8000-00000000000{b}"
+                                ))),
+                                member: Arc::from(""),
+                            },
+                            bucket: 1_796_256_000,
+                            amount: Amount {
+                                tokens: 1278 + i,
+                                nanos: 180_000 + i,
+                            },
+                            lease: None,
+                        })
+                        .collect(),
+                }),
+            )
+        })
+        .collect();
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut g = c.benchmark_group("debit_encoding");
+    g.throughput(Throughput::Elements(records.len() as u64));
+    g.bench_function("journal_1000_debits", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_records(black_box(&records), &mut out).unwrap_or_default();
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    scanner,
+    decision,
+    decision_percentiles,
+    request_lifecycle,
+    debit_encoding
+);
 criterion_main!(benches);

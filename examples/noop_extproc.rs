@@ -26,7 +26,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pattern {
+    /// ReqH → body BUFFERED, ReqB, RespH → 2xx body STREAMED, RespB…
     Tokenbudget,
+    /// ReqH (→ body BUFFERED, response headers SKIP, response body STREAMED), ReqB, RespB…
+    Lean,
+    /// ReqH → body BUFFERED and response headers SKIP, ReqB: the awaited part of a gate whose
+    /// response is seen elsewhere (an observability tap, or trailers).
+    Gate,
+    /// Request and response headers only.
     Headers,
 }
 
@@ -75,12 +82,28 @@ fn reply(pattern: Pattern, m: ep::ProcessingRequest) -> Option<ep::ProcessingRes
     let mut mode = None;
     let r = match m.request? {
         In::RequestHeaders(h) => {
-            if pattern == Pattern::Tokenbudget && !h.end_of_stream && is_post(&h) {
-                mode = Some(ProcessingMode {
-                    request_body_mode: BodySendMode::Buffered as i32,
+            let post = !h.end_of_stream && is_post(&h);
+            let buffered = BodySendMode::Buffered as i32;
+            let skip = ProcessingMode::default().response_header_mode;
+            mode = match pattern {
+                Pattern::Tokenbudget if post => Some(ProcessingMode {
+                    request_body_mode: buffered,
                     ..Default::default()
-                });
-            }
+                }),
+                Pattern::Lean if post => Some(ProcessingMode {
+                    request_body_mode: buffered,
+                    response_header_mode: envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::HeaderSendMode::Skip as i32,
+                    response_body_mode: BodySendMode::Streamed as i32,
+                    ..Default::default()
+                }),
+                Pattern::Gate if post => Some(ProcessingMode {
+                    request_body_mode: buffered,
+                    response_header_mode: envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::HeaderSendMode::Skip as i32,
+                    response_trailer_mode: skip,
+                    ..Default::default()
+                }),
+                _ => None,
+            };
             Out::RequestHeaders(ep::HeadersResponse { response: common() })
         }
         In::ResponseHeaders(h) => {
@@ -149,6 +172,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match (a.as_str(), v.as_str()) {
             ("--pattern", "tokenbudget") => pattern = Pattern::Tokenbudget,
             ("--pattern", "headers") => pattern = Pattern::Headers,
+            ("--pattern", "lean") => pattern = Pattern::Lean,
+            ("--pattern", "gate") => pattern = Pattern::Gate,
             ("--style", "stream") => style = Style::Stream,
             ("--style", "task") => style = Style::Task,
             ("--runtime", "current") => multi = false,

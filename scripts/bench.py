@@ -243,19 +243,20 @@ level = "warn"
                              capture_output=True, text=True).stdout.split()
         return [int(p) for p in out if p.isdigit()]
 
-    def run(self, cfg, traffic, conns, secs):
+    def run(self, cfg, traffic, conns, secs, stat_prefixes=("tokenbudget",)):
         e = self.envoys[cfg]
         pids = {"envoy": e["pid"], "server": self.server_pid[cfg], "fake": self.fake.pid}
         store_pids = self.store_pids() if cfg == "tb" else []
         s0 = sum(cpu(p) for p in store_pids if os.path.exists(f"/proc/{p}"))
         c0 = {k: cpu(p) for k, p in pids.items() if p}
-        m0 = envoy_stat(e["admin"], "http.llm.ext_proc.tokenbudget.stream_msgs_sent") if cfg != "alone" else 0
+        stat = lambda prefix: envoy_stat(e["admin"], f"http.llm.ext_proc.{prefix}.stream_msgs_sent") if cfg != "alone" else 0
+        m0 = {p: stat(p) for p in stat_prefixes}
         out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-s",
                               self.lua(traffic), f"http://127.0.0.1:{e['port']}/v1/chat/completions"],
                              capture_output=True, text=True, check=True).stdout
         c1 = {k: cpu(p) for k, p in pids.items() if p}
         s1 = sum(cpu(p) for p in store_pids if os.path.exists(f"/proc/{p}"))
-        m1 = envoy_stat(e["admin"], "http.llm.ext_proc.tokenbudget.stream_msgs_sent") if cfg != "alone" else 0
+        m1 = {p: stat(p) for p in stat_prefixes}
         if "Non-2xx" in out or "Socket errors" in out:
             raise SystemExit(f"errors in {cfg} {traffic} c={conns}:\n{out}")
         n = int(re.search(r"(\d+) requests in", out).group(1))
@@ -266,7 +267,8 @@ level = "warn"
         return {"rps": rps, "p50": p50, "p99": p99, "n": n, "envoy_cpu": per("envoy"),
                 "server_cpu": per("server"), "fake_cpu": per("fake"),
                 "store_cpu": (s1 - s0) * 1000 / TICK / max(n, 1) if store_pids else None,
-                "msgs": (m1 - m0) / max(n, 1) if cfg != "alone" else 0.0}
+                "msgs": (m1["tokenbudget"] - m0["tokenbudget"]) / max(n, 1),
+                "tap_msgs": (m1.get("tap", 0) - m0.get("tap", 0)) / max(n, 1)}
 
 
 def med(rows, key):
@@ -387,7 +389,8 @@ def store(b, out):
 
 
 def memory(b, out, streams):
-    idle = rss_kib(b.tb.pid)
+    """RSS of the ext_proc server (no-op floor, then tokenbudget) with `streams` requests held open
+    mid-response through Envoy; the growth over idle, per open stream."""
     lua = os.path.join(b.work, "hold.lua")
     body = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 16, "messages": []})
     with open(lua, "w") as f:
@@ -396,42 +399,122 @@ def memory(b, out, streams):
         f.write('wrk.headers["content-type"] = "application/json"\n')
         f.write('wrk.headers["x-fake-chunks"] = "4"\nwrk.headers["x-fake-delay-ms"] = "5000"\n')
         f.write(f"wrk.body = '{body}'\n")
-    wrk = subprocess.Popen(["wrk", "-t2", f"-c{streams}", "-d30s", "--timeout", "60s", "-s", lua,
-                            f"http://127.0.0.1:{b.envoys['tb']['port']}/v1/chat/completions"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak, open_streams = idle, 0
-    end = time.time() + 25
-    while time.time() < end:
-        time.sleep(1)
-        v = scrape(b)
-        if v("tokenbudget_active_streams") >= open_streams:
-            open_streams = v("tokenbudget_active_streams")
-            peak = max(peak, rss_kib(b.tb.pid))
-    wrk.wait()
-    per = (peak - idle) * 1024 / max(open_streams, 1)
     out.append("")
-    out.append(f"Memory: tokenbudget RSS {idle / 1024:.1f} MiB idle, {peak / 1024:.1f} MiB with {open_streams:.0f} streams open "
-               f"(each mid-response, metering): **{per:.0f} bytes per in-flight stream** (RSS growth / streams; "
-               f"includes tonic's and h2's per-stream state).")
-
-
-def profile(b, out, traffic, secs):
-    """perf (software clock) samples of tokenbudget under load, by symbol; the no-op floor's too."""
-    data = os.path.join(b.work, "perf.data")
-    for cfg, pid, path in (("noop", b.noop.pid, data + ".noop"), ("tb", b.tb.pid, data)):
-        rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "2000", "-g", "-o", path, "-p",
-                                str(pid), "--", "sleep", str(secs)],
+    for cfg, pid in (("noop", b.noop.pid), ("tb", b.tb.pid)):
+        idle = rss_kib(pid)
+        e = b.envoys[cfg]
+        wrk = subprocess.Popen(["wrk", "-t2", f"-c{streams}", "-d30s", "--timeout", "60s", "-s", lua,
+                                f"http://127.0.0.1:{e['port']}/v1/chat/completions"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = b.run(cfg, traffic, 16, secs)
-        rec.wait()
-        out.append(f"{cfg}: {r['n']} requests profiled ({r['server_cpu'] * 1000:.0f} µs CPU per request)")
-    rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--percent-limit", "0.7",
-                          "--stdio", "-g", "none", "--sort", "symbol"], capture_output=True, text=True)
-    out.append("")
-    out.append(f"tokenbudget profile ({traffic}, c=16, {secs} s; perf report in {data}):")
-    out.append("```")
-    out.extend(l for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#"))
-    out.append("```")
+        peak, held = idle, 0
+        end = time.time() + 25
+        while time.time() < end:
+            time.sleep(1)
+            active = envoy_stat(e["admin"], "http.llm.downstream_rq_active")
+            if active >= held:
+                held = active
+                peak = max(peak, rss_kib(pid))
+        wrk.wait()
+        per = (peak - idle) * 1024 / max(held, 1)
+        label = "no-op floor" if cfg == "noop" else "tokenbudget"
+        out.append(f"Memory, {label}: RSS {idle / 1024:.1f} MiB idle, {peak / 1024:.1f} MiB with {held} streams open "
+                   f"(mid-response; tokenbudget metering each): **{per:.0f} bytes per in-flight stream** "
+                   f"(RSS growth / streams; tonic's and h2's per-stream state included).")
+        time.sleep(6)
+
+
+EXT_PROC_FILTER = "          - name: envoy.filters.http.ext_proc\n"
+ROUTER_FILTER = "          - name: envoy.filters.http.router\n"
+
+TAP = """          - name: envoy.filters.http.ext_proc.tap
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: { cluster_name: tokenbudget }
+              observability_mode: true
+              processing_mode:
+                request_header_mode: SKIP
+                response_header_mode: SEND
+                response_body_mode: STREAMED
+              stat_prefix: tap
+"""
+
+APM = """          - name: envoy.filters.http.ai_protocol_manager
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ai_protocol_manager.v3.AiProtocolManager
+              response_handling:
+                token_usage: { include_unconfigured_routes: true, usage_signal: SYNTHESIZE_TRAILERS }
+"""
+
+
+def strategies(b, args, out):
+    """The response-body strategies of reference/extproc.md §11, at the protocol level: Envoy in front of
+    no-op servers speaking each message pattern, so only the protocol's own cost shows."""
+    noop = os.path.join(ROOT, "target/release/examples/noop_extproc")
+    servers = {}
+    for pattern in ("tokenbudget", "lean", "gate", "headers"):
+        port = free_port()
+        p = b.spawn(f"noop-{pattern}", [noop, f"127.0.0.1:{port}", "--pattern", pattern])
+        servers[pattern] = (port, p.pid)
+    time.sleep(0.5)
+    base = open(os.path.join(ROOT, "envoy/demo.yaml")).read().replace("port_value: 8000 }", f"port_value: {b.fake_port} }}")
+    base = base.replace("""  - name: upstream
+    type: STATIC
+    connect_timeout: 1s""", """  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds: [{ max_requests: 100000, max_pending_requests: 100000, max_connections: 100000 }]""")
+    runtime = """layered_runtime:
+  layers:
+  - name: static
+    static_layer:
+      envoy.reloadable_features.ext_proc_inject_data_with_state_update: true
+"""
+    variants = {
+        "A: STREAMED body (tokenbudget's default)": ("tokenbudget", lambda t: t),
+        "A': STREAMED body, no response-headers message": ("lean", lambda t: t),
+        "B: headers gate + observability tap": ("gate", lambda t: t.replace(ROUTER_FILTER, TAP + ROUTER_FILTER) + runtime),
+        "C: gate + AI protocol manager usage at trailers": ("gate", lambda t: t.replace(ROUTER_FILTER, APM + ROUTER_FILTER).replace(
+            "                response_trailer_mode: SKIP\n              metadata_options:\n                forwarding_namespaces: { untyped: [envoy.filters.http.jwt_authn] }",
+            "                response_trailer_mode: SEND\n              metadata_options:\n                forwarding_namespaces: { untyped: [envoy.filters.http.jwt_authn], typed: [envoy.ai.token_usage] }")),
+        "headers only (2 messages)": ("headers", lambda t: t),
+    }
+    envoys = {}
+    for name, (pattern, edit) in variants.items():
+        port, admin = free_port(), free_port()
+        text = edit(base.replace("port_value: 9002 }", f"port_value: {servers[pattern][0]} }}")
+                    .replace("port_value: 10000 }", f"port_value: {port} }}").replace("port_value: 9901 }", f"port_value: {admin} }}"))
+        path = os.path.join(b.work, f"envoy-strategy-{pattern}-{len(envoys)}.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        p = b.spawn(f"envoy-strategy-{len(envoys)}", [b.envoy_bin, "-c", path, "--disable-hot-restart", "--concurrency", "1",
+                                                       "--log-level", "error", "--base-id", str(free_port())])
+        wait_http(f"http://127.0.0.1:{admin}/ready")
+        envoys[name] = {"port": port, "admin": f"127.0.0.1:{admin}", "pid": p.pid}
+        b.envoys[name] = envoys[name]
+        b.server_pid[name] = servers[pattern][1]
+    names = ["alone"] + list(variants)
+    results = {}
+    for rnd in range(args.rounds):
+        for traffic in args.traffic:
+            for conns in args.conns:
+                order = names[rnd % len(names):] + names[:rnd % len(names)]
+                for cfg in order:
+                    r = b.run(cfg, traffic, conns, args.seconds, stat_prefixes=("tokenbudget", "tap"))
+                    results.setdefault((traffic, conns, cfg), []).append(r)
+                    print(f"round {rnd + 1} {traffic:6} c={conns:<3} {cfg[:30]:30} {r['rps']:9.0f} req/s p50 {r['p50']:.3f} ms msgs {r['msgs']:.2f}",
+                          file=sys.stderr, flush=True)
+    out.append("| traffic | conc | strategy | req/s | / alone | p50 ms | awaited msgs/req | observed msgs/req | Envoy CPU µs/req | server CPU µs/req |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for traffic in args.traffic:
+        for conns in args.conns:
+            alone = med(results[(traffic, conns, "alone")], "rps")
+            for cfg in names:
+                rs = results[(traffic, conns, cfg)]
+                out.append(f"| {traffic} | {conns} | {cfg} | {med(rs, 'rps'):.0f} | {med(rs, 'rps') / alone:.2f} | {med(rs, 'p50'):.3f} "
+                           f"| {med(rs, 'msgs'):.2f} | {med(rs, 'tap_msgs'):.2f} | {fmt((med(rs, 'envoy_cpu') or 0) * 1000, 0)} "
+                           f"| {fmt((med(rs, 'server_cpu') or 0) * 1000, 0)} |")
 
 
 def main():
@@ -448,6 +531,7 @@ def main():
     ap.add_argument("--access-log", action="store_true", help="per-phase timings (costs Envoy CPU)")
     ap.add_argument("--streams", type=int, default=10000)
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "store", "memory"])
+    ap.add_argument("--strategies", action="store_true", help="compare the response-body strategies (no-op servers)")
     ap.add_argument("--profile", type=int, default=0, help="seconds of perf sampling of tokenbudget (JSON, c=16)")
     ap.add_argument("--profile-traffic", default="json", choices=list(TRAFFIC))
     args = ap.parse_args()
@@ -459,7 +543,9 @@ def main():
                    f"no-op pattern {args.noop_pattern}, style {args.noop_style}, runtime {args.noop_runtime}"
                    + (f", tokenbudget extra: {args.tb_extra!r}" if args.tb_extra else ""))
         out.append("")
-        if "throughput" not in args.skip:
+        if args.strategies:
+            strategies(b, args, out)
+        elif "throughput" not in args.skip:
             throughput(b, args, out)
             phases(b, out)
         if "store" not in args.skip:

@@ -301,6 +301,14 @@ pub fn run(
     journal
 }
 
+/// Appends the journal encoding of `records` to `out` (what each group write costs in CPU).
+pub fn encode_records(records: &[(u64, Record)], out: &mut Vec<u8>) -> io::Result<()> {
+    for (_, r) in records {
+        encode(r, out)?;
+    }
+    Ok(())
+}
+
 fn encode(r: &Record, out: &mut Vec<u8>) -> io::Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER]);
