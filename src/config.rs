@@ -524,10 +524,12 @@ impl Config {
                 if l.lease_ttl_ms < 1000 {
                     return Err(err("ledger.lease_ttl_ms", "must be at least 1000"));
                 }
-                if l.lease_wait_ms == 0 || l.lease_wait_ms >= 200 {
+                // Keep it below Envoy's ext_proc `message_timeout` (250 ms in our configs):
+                // a wait Envoy does not sit out ends in its `status_on_error` instead.
+                if l.lease_wait_ms == 0 || l.lease_wait_ms > 10_000 {
                     return Err(err(
                         "ledger.lease_wait_ms",
-                        "must be 1 to 199 (below Envoy's message timeout)",
+                        "must be 1 to 10000 (and below Envoy's message_timeout)",
                     ));
                 }
                 Some(crate::ledger::lease::LeaseConfig {

@@ -93,8 +93,13 @@ async fn race_three_replicas(mode: &str) -> (usize, u64, u64) {
     crate::harness::init_tracing();
     let db = TestDb::create().await.unwrap();
     let store_toml = format!("database_url = \"{}\"", db.url);
-    // Production refresh interval, so sync mode shows its real bound.
-    let ledger = format!("mode = \"{mode}\"\nrefresh_interval_ms = 1000\nsync_interval_ms = 500");
+    // Production refresh interval, so sync mode shows its real bound. The lease wait (and
+    // Envoy's message timeout below) get room: this test is about the bound, and with other
+    // tests loading the two cores a first burst of 300 asks can take longer than the 150 ms
+    // default — then the request is refused with 503, which is correct but not what we count.
+    let ledger = format!(
+        "mode = \"{mode}\"\nrefresh_interval_ms = 1000\nsync_interval_ms = 500\nlease_wait_ms = 1500"
+    );
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut replicas = Vec::new();
     for d in &dirs {
@@ -122,7 +127,16 @@ async fn race_three_replicas(mode: &str) -> (usize, u64, u64) {
     }
     let (fake_addr, _fake) = crate::fake_model::start().await.unwrap();
     let grpc: Vec<_> = replicas.iter().map(|r| r.grpc_addr).collect();
-    let envoy = Envoy::start_multi("envoy/demo.yaml", fake_addr, &grpc).await;
+    let roomy = tempfile::tempdir().unwrap();
+    let config = roomy.path().join("demo-roomy.yaml");
+    let demo = std::fs::read_to_string(crate::harness::repo_path("envoy/demo.yaml")).unwrap();
+    assert!(demo.contains("message_timeout: 0.25s"));
+    std::fs::write(
+        &config,
+        demo.replace("message_timeout: 0.25s", "message_timeout: 3s"),
+    )
+    .unwrap();
+    let envoy = Envoy::start_multi(config.to_str().unwrap(), fake_addr, &grpc).await;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(400)
         .build()
