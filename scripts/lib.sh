@@ -17,6 +17,25 @@ ensure_envoy() {
   "$TOKENBUDGET_ENVOY" --version | grep -q "/$ENVOY_VERSION/" || { echo "wrong Envoy version at $TOKENBUDGET_ENVOY" >&2; return 1; }
 }
 
+# Python tools the tests run (grpcio for the QuotaService example, yamllint and schema checkers for
+# the manifests), in a venv cached outside the clone, keyed by the requirements file's hash.
+pytools_venv() {
+  echo "$TB_CACHE/pytools-$(sha256sum scripts/requirements-test.txt | cut -c1-12)"
+}
+ensure_pytools() {
+  local venv
+  venv="$(pytools_venv)"
+  if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
+    echo "==> installing the Python test tools into $venv"
+    rm -rf "$venv"
+    mkdir -p "$TB_CACHE"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet -r scripts/requirements-test.txt
+    touch "$venv/.complete"
+  fi
+  export TOKENBUDGET_PYTHON="$venv/bin/python"
+}
+
 # The local Postgres the tests use; started if it is down (Debian's cluster tooling).
 ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return 0; fi

@@ -45,6 +45,8 @@ pub struct Running {
     listener: Option<JoinHandle<()>>,
     stop_lease: watch::Sender<bool>,
     lease_task: Option<JoinHandle<()>>,
+    /// Gives back the holds of QuotaService reservations nobody committed.
+    quota_sweeper: JoinHandle<()>,
     health: tonic_health::server::HealthReporter,
     grace: Duration,
 }
@@ -230,6 +232,22 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
             }
         });
     }
+    let quota = crate::quota::Quota::new(
+        Arc::clone(&ledger),
+        crate::quota::QuotaConfig {
+            tokens: config
+                .quota_tokens
+                .iter()
+                .chain(&config.admin_tokens)
+                .cloned()
+                .collect(),
+            default_output_tokens: config.extproc.default_output_tokens,
+            max_output_reservation: config.extproc.max_output_reservation,
+            reservation_ttl: config.extproc.reservation_ttl,
+            deny_without_state: config.extproc.no_state == crate::extproc::NoState::Deny,
+        },
+    );
+    let quota_sweeper = tokio::spawn(crate::quota::sweep_every(Arc::clone(&quota)));
     let (stop_grpc, mut grpc_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -242,6 +260,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         .http2_max_pending_accept_reset_streams(Some(100_000))
         .http2_max_local_error_reset_streams(Some(100_000))
         .add_service(health_svc)
+        .add_service(quota.server())
         .add_service(
             ExternalProcessorServer::new(extproc.clone()).max_decoding_message_size(16 << 20),
         );
@@ -308,6 +327,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         listener,
         stop_lease,
         lease_task,
+        quota_sweeper,
         health,
         grace: config.shutdown_grace,
     })
@@ -371,6 +391,7 @@ impl Running {
         if let Some(l) = self.listener {
             l.abort();
         }
+        self.quota_sweeper.abort();
         let _ = self.stop_admin.send(true);
         self.admin
             .await

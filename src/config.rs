@@ -43,6 +43,21 @@ struct Raw {
     groups: Vec<RawGroup>,
     budgets: Vec<BudgetSpec>,
     admin: RawAdmin,
+    quota: RawQuota,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawQuota {
+    tokens: Vec<RawQuotaToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotaToken {
+    name: String,
+    /// Hex SHA-256 of the token.
+    sha256: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -303,6 +318,8 @@ pub struct Config {
     pub admin_tokens: Vec<crate::admin::auth::AdminToken>,
     /// Browser origins allowed by CORS; empty means no CORS headers at all.
     pub cors_origins: Vec<String>,
+    /// QuotaService callers (hashes); admin tokens are accepted too.
+    pub quota_tokens: Vec<crate::admin::auth::AdminToken>,
 }
 
 /// Environment overrides, applied after the file.
@@ -616,6 +633,28 @@ impl Config {
                 sha256,
             });
         }
+        let mut quota_tokens: Vec<crate::admin::auth::AdminToken> = Vec::new();
+        for (i, t) in raw.quota.tokens.iter().enumerate() {
+            let key = |field: &str| format!("quota.tokens[{i}].{field}");
+            let name = t.name.trim();
+            if name.is_empty() {
+                return Err(err(&key("name"), "must not be empty"));
+            }
+            if quota_tokens.iter().any(|x| x.name == name) {
+                return Err(err(&key("name"), format!("duplicate token name {name:?}")));
+            }
+            let sha256 = crate::admin::auth::parse_digest(&t.sha256).ok_or_else(|| {
+                err(
+                    &key("sha256"),
+                    "expected 64 hex digits (the SHA-256 of the token; see `tokenbudget token new`)",
+                )
+            })?;
+            quota_tokens.push(crate::admin::auth::AdminToken {
+                name: name.to_string(),
+                role: crate::admin::auth::Role::Admin,
+                sha256,
+            });
+        }
         for (i, o) in raw.admin.cors_origins.iter().enumerate() {
             if o == "*" || !(o.starts_with("http://") || o.starts_with("https://")) {
                 return Err(err(
@@ -634,6 +673,7 @@ impl Config {
             groups,
             budgets,
             admin_tokens,
+            quota_tokens,
             cors_origins: raw.admin.cors_origins,
             grpc_listen: addr("server.grpc_listen", &raw.server.grpc_listen)?,
             admin_listen: addr("server.admin_listen", &raw.server.admin_listen)?,

@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod meter;
 pub mod metrics;
 pub mod policy;
+pub mod quota;
 pub mod store;
 #[doc(hidden)]
 pub mod testkit;

@@ -328,7 +328,7 @@ pub fn denied(
     immediate(status, headers, body.to_string(), kind)
 }
 
-fn deny_message(d: &Denial) -> String {
+pub(crate) fn deny_message(d: &Denial) -> String {
     let s = &d.status;
     let window = match s.window {
         Window::Total => "in total".to_string(),

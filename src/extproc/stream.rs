@@ -552,8 +552,9 @@ impl StreamState {
             .as_ref()
             .map(Principal::key)
             .unwrap_or_default();
-        self.settled_seq = Some(self.shared.ledger.settle(crate::ledger::Settlement {
+        let settled = self.shared.ledger.settle(crate::ledger::Settlement {
             reservation: std::mem::take(&mut self.reservation),
+            event_id: None,
             request_id: std::mem::take(&mut self.request_id),
             principal,
             model: self.model.clone().unwrap_or_else(|| "unknown".to_owned()),
@@ -562,7 +563,8 @@ impl StreamState {
             reasoning,
             estimated,
             outcome,
-        }));
+        });
+        self.settled_seq = Some(settled.seq);
     }
 }
 

@@ -46,6 +46,9 @@ pub struct PolicySettings {
 #[derive(Debug, Clone)]
 pub struct Settlement {
     pub reservation: Reservation,
+    /// The debit's idempotency key in the store; `None`: a new one (every Envoy request is its
+    /// own). The QuotaService derives it from the caller's request id, so retries collapse.
+    pub event_id: Option<String>,
     pub request_id: String,
     pub principal: String,
     pub model: String,
@@ -54,6 +57,14 @@ pub struct Settlement {
     pub reasoning: u64,
     pub estimated: bool,
     pub outcome: &'static str,
+}
+
+/// What [`Ledger::settle`] charged.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    /// The debit's sequence number (see [`Ledger::wait_durable`]).
+    pub seq: u64,
+    pub cost: crate::policy::NanoUsd,
 }
 
 /// Settled records on their way to the store, in sequence order. A record is `pending` until the
@@ -247,6 +258,13 @@ impl Ledger {
         self.counters().evaluate(&policy, ask, now)
     }
 
+    /// A reservation of nothing on every budget `ask` matches (see [`Counters::unreserved`]).
+    pub fn unreserved(&self, ask: &Ask<'_>) -> Reservation {
+        let policy = self.policy.load();
+        let now = self.clock.now();
+        self.counters().unreserved(&policy, ask, now)
+    }
+
     /// Every budget's counters now, for status reports.
     pub fn statuses(&self) -> Vec<(crate::policy::BudgetStatus, std::sync::Arc<str>)> {
         let policy = self.policy.load();
@@ -255,8 +273,7 @@ impl Ledger {
     }
 
     /// Releases the reservation, charges the actual usage and queues the debit. Never awaits.
-    /// Returns the debit's sequence number (see [`Ledger::wait_durable`]).
-    pub fn settle(&self, s: Settlement) -> u64 {
+    pub fn settle(&self, s: Settlement) -> Settled {
         let now = self.clock.now();
         let policy = self.policy.load();
         let price = policy.price(&s.model, now.timestamp_millis());
@@ -270,7 +287,9 @@ impl Ledger {
             .counters()
             .settle(&s.reservation, amount, now, policy.tz);
         let event = UsageEvent {
-            event_id: uuid::Uuid::now_v7().to_string(),
+            event_id: s
+                .event_id
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
             request_id: s.request_id,
             ts_ms: now.timestamp_millis(),
             principal: s.principal,
@@ -302,7 +321,10 @@ impl Ledger {
             cost.0,
             s.estimated,
         );
-        self.enqueue(Record::Debit(Debit { event, deltas }))
+        Settled {
+            seq: self.enqueue(Record::Debit(Debit { event, deltas })),
+            cost,
+        }
     }
 
     /// Releases a reservation without charging (the upstream answered with an error).

@@ -611,6 +611,30 @@ impl Counters {
         }
     }
 
+    /// A reservation of nothing on every budget `ask` matches, whatever their headroom: what
+    /// usage charged without an admission (QuotaService LogUsage, a commit after its hold
+    /// lapsed) settles against. Not against a lease: it was never taken from one.
+    pub fn unreserved(
+        &mut self,
+        policy: &Policy,
+        ask: &Ask<'_>,
+        now: DateTime<Utc>,
+    ) -> Reservation {
+        let ev = self.evaluate(policy, ask, now);
+        Reservation {
+            entries: ev
+                .considered
+                .into_iter()
+                .map(|c| Held {
+                    key: c.key,
+                    window: c.status.window,
+                    amount: Amount::default(),
+                    leased: None,
+                })
+                .collect(),
+        }
+    }
+
     /// Releases `r` and adds `actual` to each of its counters in the window current at `now`.
     /// Returns the increments the store must record.
     pub fn settle(

@@ -79,6 +79,7 @@ impl FakeModel {
 pub async fn serve(listener: tokio::net::TcpListener, fake: FakeModel) -> std::io::Result<()> {
     let app = Router::new()
         .route("/_fake/requests", get(list))
+        .route("/v1/models", get(models))
         .route("/{*path}", post(complete))
         // Prompts can be large (images, long documents); the tests send up to 8 MiB.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
@@ -96,6 +97,14 @@ pub async fn start() -> std::io::Result<(SocketAddr, FakeModel)> {
     let fake = FakeModel::default();
     tokio::spawn(serve(listener, fake.clone()));
     Ok((addr, fake))
+}
+
+/// `GET /v1/models`: a route that is not an LLM call (the per-route examples leave it unmetered).
+async fn models() -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]}),
+    )
 }
 
 async fn list(State(fake): State<FakeModel>) -> impl IntoResponse {

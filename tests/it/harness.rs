@@ -40,6 +40,25 @@ pub fn envoy_bin() -> PathBuf {
     p
 }
 
+/// The Python with the test tools (grpcio, …): `TOKENBUDGET_PYTHON`, else the venv
+/// `./scripts/test` installs (keyed by the hash of `scripts/requirements-test.txt`).
+pub fn python_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TOKENBUDGET_PYTHON") {
+        return PathBuf::from(p);
+    }
+    use sha2::Digest;
+    let reqs = std::fs::read(repo_path("scripts/requirements-test.txt")).unwrap();
+    let key = &hex::encode(sha2::Sha256::digest(&reqs))[..12];
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = PathBuf::from(home).join(format!(".cache/tokenbudget/pytools-{key}/bin/python"));
+    assert!(
+        p.exists(),
+        "the Python test tools are not at {}: run ./scripts/test (it installs them) or set TOKENBUDGET_PYTHON",
+        p.display()
+    );
+    p
+}
+
 /// Waits until `check` is true, polling, or fails the test after `deadline`.
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where
