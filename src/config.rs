@@ -2,11 +2,13 @@
 //! environment overrides, validated into [`Config`] before any port is bound. Every error names
 //! the key at fault. Unknown keys are errors (a typo must not silently keep a default).
 
+pub mod reference;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::extproc::ExtProcConfig;
 use crate::identity::{IdentityConfig, Source};
@@ -29,7 +31,7 @@ fn err(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct Raw {
     server: RawServer,
@@ -40,15 +42,18 @@ struct Raw {
     ledger: RawLedger,
     log: RawLog,
     models: RawModels,
+    #[serde(skip_serializing)]
     groups: Vec<RawGroup>,
+    #[serde(skip_serializing)]
     budgets: Vec<BudgetSpec>,
     admin: RawAdmin,
     quota: RawQuota,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawQuota {
+    #[serde(skip_serializing)]
     tokens: Vec<RawQuotaToken>,
 }
 
@@ -60,9 +65,10 @@ struct RawQuotaToken {
     sha256: String,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
+    #[serde(skip_serializing)]
     tokens: Vec<RawToken>,
     /// Origins allowed to call the API from a browser page they serve; none by default.
     cors_origins: Vec<String>,
@@ -77,7 +83,7 @@ struct RawToken {
     sha256: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawModels {
     strip_date_suffix: bool,
@@ -103,7 +109,7 @@ struct RawGroup {
     members: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
     grpc_listen: String,
@@ -123,7 +129,7 @@ impl Default for RawServer {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawStore {
     database_url: String,
@@ -145,7 +151,7 @@ impl Default for RawStore {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawIdentity {
     sources: Vec<String>,
@@ -178,7 +184,7 @@ impl Default for RawIdentity {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawAdmission {
     timezone: String,
@@ -209,7 +215,7 @@ impl Default for RawAdmission {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawMetering {
     max_event_bytes: usize,
@@ -226,7 +232,7 @@ impl Default for RawMetering {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLedger {
     flush_interval_ms: u64,
@@ -264,7 +270,7 @@ impl Default for RawLedger {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
     level: String,

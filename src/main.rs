@@ -84,6 +84,8 @@ enum TokenCmd {
 enum ConfigCmd {
     /// Validate the config file and print the effective settings.
     Check,
+    /// Print the reference of every key with its default (Markdown, as in the README).
+    Reference,
 }
 
 fn init_logging(config: &Config) {
@@ -100,6 +102,13 @@ fn init_logging(config: &Config) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Config {
+        cmd: ConfigCmd::Reference,
+    } = cli.command
+    {
+        print!("{}", tokenbudget::config::reference::markdown());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(cli.config.as_deref(), &|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {

@@ -147,3 +147,27 @@ async fn per_route_examples_meter_skip_hint_and_fail_open_as_documented() {
             >= 1
     );
 }
+
+/// The tokenbudget.toml inside the Kubernetes ConfigMap is a valid configuration.
+#[test]
+fn the_kubernetes_configmap_holds_a_valid_config() {
+    let manifest = std::fs::read_to_string(crate::harness::repo_path(
+        "envoy/kubernetes/tokenbudget.yaml",
+    ))
+    .unwrap();
+    let start = manifest.find("  tokenbudget.toml: |\n").unwrap() + "  tokenbudget.toml: |\n".len();
+    let end = start + manifest[start..].find("\n---").unwrap();
+    let toml_text: String = manifest[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let env = |k: &str| {
+        (k == "TOKENBUDGET_DATABASE_URL").then(|| "postgres://tokenbudget@db/tokenbudget".into())
+    };
+    let cfg = tokenbudget::config::Config::parse(&toml_text, &env)
+        .unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+    assert!(cfg.lease.is_some(), "the manifest runs lease mode");
+    assert_eq!(cfg.quota_tokens.len(), 1);
+    assert_eq!(cfg.grpc_listen.port(), 9002);
+}
