@@ -39,6 +39,9 @@ TRAFFIC = {
     "json": {"stream": False, "headers": {}},
     "sse50": {"stream": True, "headers": {"x-fake-chunks": "50"}},
     "paced": {"stream": True, "headers": {"x-fake-chunks": "50", "x-fake-delay-ms": "2"}},
+    # As sse50, from a client that asks for usage itself (stream_options.include_usage): nothing
+    # to inject into the request, no usage event to cut out of the response.
+    "sse50u": {"stream": True, "include_usage": True, "headers": {"x-fake-chunks": "50"}},
 }
 
 
@@ -223,8 +226,11 @@ level = "warn"
     def lua(self, traffic):
         t = TRAFFIC[traffic]
         path = os.path.join(self.work, f"{traffic}.lua")
-        body = json.dumps({"model": "gpt-4o-mini", "stream": t["stream"], "max_tokens": 16,
-                           "messages": [{"role": "user", "content": "Say hello"}]})
+        req = {"model": "gpt-4o-mini", "stream": t["stream"], "max_tokens": 16,
+               "messages": [{"role": "user", "content": "Say hello"}]}
+        if t.get("include_usage"):
+            req["stream_options"] = {"include_usage": True}
+        body = json.dumps(req)
         with open(path, "w") as f:
             f.write('wrk.method = "POST"\n')
             f.write(f'wrk.headers["authorization"] = "Bearer {self.token}"\n')
@@ -390,24 +396,26 @@ def store(b, out):
 
 def memory(b, out, streams):
     """RSS of the ext_proc server (no-op floor, then tokenbudget) with `streams` requests held open
-    mid-response through Envoy; the growth over idle, per open stream."""
+    mid-response through Envoy; the growth over idle, per open stream. Run it in fresh processes
+    (`--skip throughput store`): after the load phases the allocator keeps freed memory, which new
+    streams reuse without growing RSS, so the figure would come out low."""
     lua = os.path.join(b.work, "hold.lua")
     body = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 16, "messages": []})
     with open(lua, "w") as f:
         f.write('wrk.method = "POST"\n')
         f.write(f'wrk.headers["authorization"] = "Bearer {b.token}"\n')
         f.write('wrk.headers["content-type"] = "application/json"\n')
-        f.write('wrk.headers["x-fake-chunks"] = "4"\nwrk.headers["x-fake-delay-ms"] = "5000"\n')
+        f.write('wrk.headers["x-fake-chunks"] = "4"\nwrk.headers["x-fake-delay-ms"] = "12000"\n')
         f.write(f"wrk.body = '{body}'\n")
     out.append("")
     for cfg, pid in (("noop", b.noop.pid), ("tb", b.tb.pid)):
         idle = rss_kib(pid)
         e = b.envoys[cfg]
-        wrk = subprocess.Popen(["wrk", "-t2", f"-c{streams}", "-d30s", "--timeout", "60s", "-s", lua,
+        wrk = subprocess.Popen(["wrk", "-t2", f"-c{streams}", "-d50s", "--timeout", "90s", "-s", lua,
                                 f"http://127.0.0.1:{e['port']}/v1/chat/completions"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak, held = idle, 0
-        end = time.time() + 25
+        end = time.time() + 45
         while time.time() < end:
             time.sleep(1)
             active = envoy_stat(e["admin"], "http.llm.downstream_rq_active")
@@ -515,6 +523,30 @@ def strategies(b, args, out):
                 out.append(f"| {traffic} | {conns} | {cfg} | {med(rs, 'rps'):.0f} | {med(rs, 'rps') / alone:.2f} | {med(rs, 'p50'):.3f} "
                            f"| {med(rs, 'msgs'):.2f} | {med(rs, 'tap_msgs'):.2f} | {fmt((med(rs, 'envoy_cpu') or 0) * 1000, 0)} "
                            f"| {fmt((med(rs, 'server_cpu') or 0) * 1000, 0)} |")
+
+
+def profile(b, out, traffic, secs):
+    """perf samples of tokenbudget under load (c=16): where its CPU per request goes."""
+    wrk = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{secs + 4}s", "-s", b.lua(traffic),
+                            f"http://127.0.0.1:{b.envoys['tb']['port']}/v1/chat/completions"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    data = os.path.join(b.work, "perf.data")
+    subprocess.run(["perf", "record", "-q", "-F", "1999", "-g", "-p", str(b.tb.pid), "-o", data,
+                    "--", "sleep", str(secs)], capture_output=True, check=True)
+    wrk.wait()
+
+    def top(sort, extra=()):
+        rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--percent-limit", "1.5",
+                              "--sort", sort, "-g", "none", *extra], capture_output=True, text=True).stdout
+        return [re.sub(r"\s{2,}", "  ", line).rstrip(" -") for line in rep.splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    out.append("")
+    out.append(f"perf, tokenbudget, {traffic} c=16, {secs} s — by thread:")
+    out += ["    " + line for line in top("comm")]
+    out.append("by symbol (self time, ≥ 1.5 %):")
+    out += ["    " + line for line in top("comm,dso,symbol")[:40]]
 
 
 def main():

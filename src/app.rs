@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -261,9 +260,7 @@ pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Running
         .http2_max_local_error_reset_streams(Some(100_000))
         .add_service(health_svc)
         .add_service(quota.server())
-        .add_service(
-            ExternalProcessorServer::new(extproc.clone()).max_decoding_message_size(16 << 20),
-        );
+        .add_service(crate::extproc::server::ExtProcServer(extproc.clone()));
     // Socket options set on the builder apply only when tonic binds itself; an incoming stream
     // needs its own, or Nagle + delayed ACK add ~40 ms to every small reply. The listener is
     // adopted by the gRPC runtime when it starts.

@@ -13,6 +13,7 @@
 
 pub mod reply;
 pub mod request;
+pub mod server;
 pub mod stream;
 
 use std::sync::Arc;
