@@ -547,6 +547,35 @@ def profile(b, out, traffic, secs):
     out += ["    " + line for line in top("comm")]
     out.append("by symbol (self time, ≥ 1.5 %):")
     out += ["    " + line for line in top("comm,dso,symbol")[:40]]
+    # Self time by owner: our crate, the gRPC/HTTP2 stack, the store, the allocator, the kernel.
+    rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--percent-limit", "0",
+                          "--sort", "dso,symbol", "-g", "none"], capture_output=True, text=True).stdout
+    owners = {}
+    for line in rep.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[[.k]\]\s+(.*)", line)
+        if not m:
+            continue
+        pct, dso, sym = float(m.group(1)), m.group(2), m.group(3)
+        if dso.startswith("[kernel"):
+            owner = "kernel (syscalls, scheduling, TCP)"
+        elif "libc" in dso and any(k in sym for k in ("malloc", "free", "realloc", "cfree")):
+            owner = "allocator"
+        elif "libc" in dso:
+            owner = "libc (memcpy, …)"
+        elif "sqlite3" in sym or sym.startswith("rusqlite"):
+            owner = "SQLite"
+        else:
+            crate = re.match(r"(?:<)?([a-z_][a-z0-9_]*)::", sym)
+            name = crate.group(1) if crate else "other"
+            owner = {"tokenbudget": "tokenbudget (ours)", "h2": "h2/hyper/tonic/prost", "hyper": "h2/hyper/tonic/prost",
+                     "tonic": "h2/hyper/tonic/prost", "prost": "h2/hyper/tonic/prost", "envoy_types": "h2/hyper/tonic/prost",
+                     "tokio": "tokio", "bytes": "h2/hyper/tonic/prost", "serde_json": "serde_json (journal, metadata)",
+                     "core": "core/alloc (ours and deps)", "alloc": "core/alloc (ours and deps)"}.get(name, f"other ({name})" if crate else "other")
+        owners[owner] = owners.get(owner, 0.0) + pct
+    out.append("by owner (self time):")
+    for owner, pct in sorted(owners.items(), key=lambda kv: -kv[1]):
+        if pct >= 0.5:
+            out.append(f"    {pct:5.1f} %  {owner}")
 
 
 def main():
