@@ -415,8 +415,14 @@ impl pb::quota_service_server::QuotaService for Service {
         let estimate = q.estimate(r.input_tokens, r.max_output_tokens)?;
         let admission = q.admit(&principal, &model, estimate).await?;
         let verdict = q.verdict(&admission);
+        // A Reserve is a decision like an Envoy request's (`tokenbudget_decisions_total`).
+        let decisions = &q.ledger.metrics.decisions;
         let Admission::Allowed { reservation, .. } = admission else {
             if let Admission::Denied { denial, .. } = &admission {
+                match denial.reason {
+                    crate::policy::DenyReason::ModelNotPriced => decisions.denied_unpriced.inc(),
+                    _ => decisions.denied.inc(),
+                };
                 record_deny(&q.ledger, &principal, &model, denial);
             }
             return Ok(Response::new(pb::ReserveResponse {
@@ -424,6 +430,7 @@ impl pb::quota_service_server::QuotaService for Service {
                 ..Default::default()
             }));
         };
+        decisions.allowed.inc();
         let ttl = match r.ttl_seconds {
             0 => q.cfg.reservation_ttl,
             s => Duration::from_secs(u64::from(s)).min(q.cfg.reservation_ttl),

@@ -318,6 +318,15 @@ async fn reservations_hold_and_commits_charge_once() {
             ("job-2".to_string(), 50, "quota".to_string())
         ]
     );
+    // Reserves count as decisions: two allowed, one denied.
+    let metrics = s.sidecar().ledger.metrics.encode();
+    for (outcome, n) in [("allowed", 2), ("denied", 1)] {
+        let line = format!("tokenbudget_decisions_total{{outcome=\"{outcome}\"}} {n}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
     // The refused reservation is a deny event, like Envoy's 429s.
     let denies = store
         .deny_events(&tokenbudget::store::DenyQuery {
