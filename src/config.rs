@@ -611,56 +611,21 @@ impl Config {
             }
             budgets.push(b);
         }
-        let mut admin_tokens: Vec<crate::admin::auth::AdminToken> = Vec::new();
-        for (i, t) in raw.admin.tokens.iter().enumerate() {
-            let key = |field: &str| format!("admin.tokens[{i}].{field}");
-            let name = t.name.trim();
-            if name.is_empty() {
-                return Err(err(&key("name"), "must not be empty"));
-            }
-            if admin_tokens.iter().any(|x| x.name == name) {
-                return Err(err(&key("name"), format!("duplicate token name {name:?}")));
-            }
-            let role = crate::admin::auth::Role::parse(&t.role).ok_or_else(|| {
-                err(
-                    &key("role"),
-                    format!("expected admin or viewer, got {:?}", t.role),
-                )
-            })?;
-            let sha256 = crate::admin::auth::parse_digest(&t.sha256).ok_or_else(|| {
-                err(
-                    &key("sha256"),
-                    "expected 64 hex digits (the SHA-256 of the token; see `tokenbudget token new`)",
-                )
-            })?;
-            admin_tokens.push(crate::admin::auth::AdminToken {
-                name: name.to_string(),
-                role,
-                sha256,
-            });
-        }
-        let mut quota_tokens: Vec<crate::admin::auth::AdminToken> = Vec::new();
-        for (i, t) in raw.quota.tokens.iter().enumerate() {
-            let key = |field: &str| format!("quota.tokens[{i}].{field}");
-            let name = t.name.trim();
-            if name.is_empty() {
-                return Err(err(&key("name"), "must not be empty"));
-            }
-            if quota_tokens.iter().any(|x| x.name == name) {
-                return Err(err(&key("name"), format!("duplicate token name {name:?}")));
-            }
-            let sha256 = crate::admin::auth::parse_digest(&t.sha256).ok_or_else(|| {
-                err(
-                    &key("sha256"),
-                    "expected 64 hex digits (the SHA-256 of the token; see `tokenbudget token new`)",
-                )
-            })?;
-            quota_tokens.push(crate::admin::auth::AdminToken {
-                name: name.to_string(),
-                role: crate::admin::auth::Role::Admin,
-                sha256,
-            });
-        }
+        let admin_tokens = parse_tokens(
+            "admin.tokens",
+            raw.admin
+                .tokens
+                .iter()
+                .map(|t| (t.name.as_str(), Some(t.role.as_str()), t.sha256.as_str())),
+        )?;
+        // QuotaService tokens may make every call: recorded with the admin role.
+        let quota_tokens = parse_tokens(
+            "quota.tokens",
+            raw.quota
+                .tokens
+                .iter()
+                .map(|t| (t.name.as_str(), None, t.sha256.as_str())),
+        )?;
         for (i, o) in raw.admin.cors_origins.iter().enumerate() {
             if o == "*" || !(o.starts_with("http://") || o.starts_with("https://")) {
                 return Err(err(
@@ -754,6 +719,43 @@ fn locate(text: &str, offset: usize) -> String {
         (false, true) => table,
         (false, false) => format!("{table}.{key}"),
     }
+}
+
+/// Bearer tokens of one table (`admin.tokens`, `quota.tokens`): (name, role, hex SHA-256); a
+/// table without roles gives every token the admin role.
+fn parse_tokens<'a>(
+    table: &str,
+    entries: impl Iterator<Item = (&'a str, Option<&'a str>, &'a str)>,
+) -> Result<Vec<crate::admin::auth::AdminToken>, ConfigError> {
+    use crate::admin::auth::{AdminToken, Role, parse_digest};
+    let mut tokens: Vec<AdminToken> = Vec::new();
+    for (i, (name, role, sha256)) in entries.enumerate() {
+        let key = |field: &str| format!("{table}[{i}].{field}");
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(err(&key("name"), "must not be empty"));
+        }
+        if tokens.iter().any(|x| x.name == name) {
+            return Err(err(&key("name"), format!("duplicate token name {name:?}")));
+        }
+        let role = match role {
+            None => Role::Admin,
+            Some(r) => Role::parse(r)
+                .ok_or_else(|| err(&key("role"), format!("expected admin or viewer, got {r:?}")))?,
+        };
+        let sha256 = parse_digest(sha256).ok_or_else(|| {
+            err(
+                &key("sha256"),
+                "expected 64 hex digits (the SHA-256 of the token; see `tokenbudget token new`)",
+            )
+        })?;
+        tokens.push(AdminToken {
+            name: name.to_string(),
+            role,
+            sha256,
+        });
+    }
+    Ok(tokens)
 }
 
 #[cfg(test)]

@@ -455,6 +455,17 @@ impl Stack {
         format!("http://{}{path}", self.sidecar().admin_addr)
     }
 
+    /// `GET path` (under `/api/v1`) with the admin token, as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.api(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// An admin API request (`path` under `/api/v1`) with the admin token.
     pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.client

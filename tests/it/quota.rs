@@ -81,6 +81,21 @@ fn decision(v: &Option<pb::Verdict>) -> pb::Decision {
     v.as_ref().unwrap().decision()
 }
 
+/// What a Check of `input` + `output` tokens for `p` decides now.
+async fn checked(
+    c: &mut QuotaServiceClient<tonic::transport::Channel>,
+    p: &str,
+    input: u64,
+    output: u64,
+) -> pb::Decision {
+    let r = c
+        .check(authed(QUOTA_TOKEN, check(p, input, output)))
+        .await
+        .unwrap()
+        .into_inner();
+    decision(&r.verdict)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_need_a_token_and_viewers_only_read() {
     let s = stack(Backend::Sqlite).await;
@@ -231,12 +246,7 @@ async fn reservations_hold_and_commits_charge_once() {
         .unwrap()
         .into_inner();
     assert!(!again.released, "a release is idempotent");
-    let fits = c
-        .check(authed(QUOTA_TOKEN, check("bob", 400, 400)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(decision(&fits.verdict), pb::Decision::Allow);
+    assert_eq!(checked(&mut c, "bob", 400, 400).await, pb::Decision::Allow);
 
     // Reserve, commit the actual usage, retry the commit: charged once.
     let r = c
@@ -365,26 +375,14 @@ async fn uncommitted_reservations_expire_and_late_commits_still_charge() {
         .unwrap()
         .into_inner();
     assert_eq!(decision(&r.verdict), pb::Decision::Allow);
-    let denied = c
-        .check(authed(QUOTA_TOKEN, check("eve", 100, 100)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(decision(&denied.verdict), pb::Decision::Deny);
+    assert_eq!(checked(&mut c, "eve", 100, 100).await, pb::Decision::Deny);
     let mut cc = c.clone();
     eventually(
         "the hold lapses after its TTL",
         Duration::from_secs(10),
         || {
             let mut c = cc.clone();
-            async move {
-                let v = c
-                    .check(authed(QUOTA_TOKEN, check("eve", 100, 100)))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                decision(&v.verdict) == pb::Decision::Allow
-            }
+            async move { checked(&mut c, "eve", 100, 100).await == pb::Decision::Allow }
         },
     )
     .await;
@@ -504,13 +502,6 @@ async fn the_python_client_shares_budgets_with_envoy_traffic() {
         (job.principal.as_str(), job.input, job.output),
         ("user:alice@example.com", 1180, 240)
     );
-    let status: Value = s
-        .api(reqwest::Method::GET, "/budgets/ml%20team%20daily/status")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = s.get_json("/budgets/ml%20team%20daily/status").await;
     assert!(status.to_string().contains("1570"), "{status}");
 }

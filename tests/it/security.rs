@@ -228,23 +228,9 @@ async fn admin_auth_cannot_be_bypassed() {
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
     // Nothing was created by any of it.
-    let v: Value = stack
-        .api(Method::GET, "/budgets")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = stack.get_json("/budgets").await;
     assert!(!v.to_string().contains("sneaky"), "{v}");
-    let audit: Value = stack
-        .api(Method::GET, "/audit")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit = stack.get_json("/audit").await;
     assert!(!audit.to_string().contains("sneaky"));
 }
 
