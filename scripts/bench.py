@@ -525,9 +525,9 @@ def strategies(b, args, out):
                            f"| {fmt((med(rs, 'server_cpu') or 0) * 1000, 0)} |")
 
 
-def profile(b, out, traffic, secs):
-    """perf samples of tokenbudget under load (c=16): where its CPU per request goes."""
-    wrk = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{secs + 4}s", "-s", b.lua(traffic),
+def profile(b, out, traffic, secs, conns=16):
+    """perf samples of tokenbudget under load: where its CPU per request goes."""
+    wrk = subprocess.Popen(["wrk", "-t1", f"-c{conns}", f"-d{secs + 4}s", "-s", b.lua(traffic),
                             f"http://127.0.0.1:{b.envoys['tb']['port']}/v1/chat/completions"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(2)
@@ -543,7 +543,7 @@ def profile(b, out, traffic, secs):
                 if line.strip() and not line.startswith("#")]
 
     out.append("")
-    out.append(f"perf, tokenbudget, {traffic} c=16, {secs} s — by thread:")
+    out.append(f"perf, tokenbudget, {traffic} c={conns}, {secs} s — by thread:")
     out += ["    " + line for line in top("comm")]
     out.append("by symbol (self time, ≥ 1.5 %):")
     out += ["    " + line for line in top("comm,dso,symbol")[:40]]
@@ -595,6 +595,7 @@ def main():
     ap.add_argument("--strategies", action="store_true", help="compare the response-body strategies (no-op servers)")
     ap.add_argument("--profile", type=int, default=0, help="seconds of perf sampling of tokenbudget (JSON, c=16)")
     ap.add_argument("--profile-traffic", default="json", choices=list(TRAFFIC))
+    ap.add_argument("--profile-conns", type=int, default=16)
     args = ap.parse_args()
     b = Bench(args)
     out = []
@@ -614,7 +615,7 @@ def main():
         if "memory" not in args.skip:
             memory(b, out, args.streams)
         if args.profile:
-            profile(b, out, args.profile_traffic, args.profile)
+            profile(b, out, args.profile_traffic, args.profile, args.profile_conns)
     finally:
         b.stop()
     print("\n".join(out))
