@@ -215,6 +215,10 @@ struct Core {
     tail_cap: usize,
     anthropic: anthropic::Accumulator,
     scratch: Vec<u8>,
+    /// Gemini: the last two `usageMetadata` objects seen, last first, decoded at the end (every
+    /// chunk may carry one and only the last is the total; the one before stands in for a last
+    /// one that does not decode).
+    last_usage: [Vec<u8>; 2],
     seen: Metered,
 }
 
@@ -235,8 +239,9 @@ impl Core {
         match self.format {
             BodyFormat::Sse => {
                 let (api, seen, acc) = (self.api, &mut self.seen, &mut self.anthropic);
+                let last_usage = &mut self.last_usage;
                 self.framer.feed(chunk, &mut |ev| {
-                    on_sse_event(api, seen, acc, ev.name, ev.data)
+                    on_sse_event(api, seen, acc, last_usage, ev.name, ev.data)
                 });
             }
             BodyFormat::EventStream => {
@@ -253,6 +258,14 @@ impl Core {
         match self.format {
             BodyFormat::Sse => {
                 self.seen.malformed += self.framer.oversized;
+                let [last, before] = &self.last_usage;
+                if !last.is_empty() {
+                    let decoded = gemini::decode_usage(last);
+                    if decoded.is_none() {
+                        self.seen.malformed += 1;
+                    }
+                    self.seen.usage = decoded.or_else(|| gemini::decode_usage(before));
+                }
                 if self.seen.usage.is_none() {
                     // Events too large to keep whole (Responses API terminal events embed the
                     // whole response): their tails were kept, and usage sits at the end.
@@ -340,6 +353,7 @@ fn on_sse_event(
     api: Api,
     seen: &mut Metered,
     acc: &mut anthropic::Accumulator,
+    last_usage: &mut [Vec<u8>; 2],
     name: &[u8],
     data: &[u8],
 ) {
@@ -405,13 +419,11 @@ fn on_sse_event(
             }
         },
         Api::Gemini | Api::Bedrock => {
-            if json::has_object_after_key(data, &USAGE_METADATA_KEY) {
-                match json::last_object_after_key(data, &USAGE_METADATA_KEY)
-                    .and_then(|r| gemini::decode_usage(&data[r]))
-                {
-                    Some(u) => seen.usage = Some(u),
-                    None => seen.malformed += 1,
-                }
+            // Kept, not decoded: only the stream's last one counts (decoded in `finish`).
+            if let Some(r) = json::last_object_after_key(data, &USAGE_METADATA_KEY) {
+                last_usage.swap(0, 1);
+                last_usage[0].clear();
+                last_usage[0].extend_from_slice(&data[r]);
             }
             seen.text_bytes += json::string_len_after_key(data, &TEXT_KEY) as u64;
             if FINISH_REASON_KEY.find(data).is_some() {
@@ -460,7 +472,14 @@ fn on_frame(
             {
                 seen.usage = Some(m);
             }
-            on_sse_event(Api::Anthropic, seen, acc, b"", data);
+            on_sse_event(
+                Api::Anthropic,
+                seen,
+                acc,
+                &mut Default::default(),
+                b"",
+                data,
+            );
             if let Some(u) = acc.usage() {
                 seen.usage = Some(u);
             }
@@ -513,6 +532,7 @@ impl Meter {
             tail_cap: limits.json_tail,
             anthropic: anthropic::Accumulator::default(),
             scratch: Vec::new(),
+            last_usage: [Vec::new(), Vec::new()],
             seen: Metered::default(),
         };
         let decoding = match encoding {
@@ -620,6 +640,38 @@ data: [DONE]\n\n";
             last = c;
         }
         m.finish()
+    }
+
+    #[test]
+    fn gemini_takes_the_last_usage_and_the_one_before_when_the_last_is_broken() {
+        let event = |usage: &str| {
+            format!(
+                "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"Hi\"}}]}}}}],\"usageMetadata\":{usage}}}\r\n\r\n"
+            )
+        };
+        let run = |usages: &[&str]| {
+            let mut m = Meter::new(
+                Api::Gemini,
+                BodyFormat::Sse,
+                Encoding::Identity,
+                MeterLimits::default(),
+            );
+            for u in usages {
+                m.feed(event(u).as_bytes());
+            }
+            m.finish()
+        };
+        let early = r#"{"promptTokenCount":10,"candidatesTokenCount":1}"#;
+        let total = r#"{"promptTokenCount":10,"candidatesTokenCount":7}"#;
+        let seen = run(&[early, early, total]);
+        assert_eq!(seen.usage.map(|u| (u.input, u.output)), Some((10, 7)));
+        assert_eq!(seen.malformed, 0);
+        assert_eq!(seen.text_bytes, 6);
+        // A last object that does not decode: the one before stands in, and it is counted.
+        let seen = run(&[early, total, r#"{"promptTokenCount":"ten"}"#]);
+        assert_eq!(seen.usage.map(|u| (u.input, u.output)), Some((10, 7)));
+        assert_eq!(seen.malformed, 1);
+        assert_eq!(run(&[]).usage, None);
     }
 
     #[test]
