@@ -166,10 +166,10 @@ fn decision_policy() -> (Policy, Principal) {
     (policy, alice)
 }
 
-fn decision(c: &mut Criterion) {
-    let (policy, alice) = decision_policy();
-    let ask = Ask {
-        principal: &alice,
+/// The request the decision benches admit: 500 prompt tokens, 1000 output, `gpt-4o`.
+fn decision_ask(alice: &Principal) -> Ask<'_> {
+    Ask {
+        principal: alice,
         model: Some("gpt-4o"),
         estimate: TokenClasses {
             input: 500,
@@ -177,10 +177,19 @@ fn decision(c: &mut Criterion) {
             ..Default::default()
         },
         lease: LeaseStep::Acquire,
-    };
-    let now: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
+    }
+}
+
+fn decision_now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
         .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn decision(c: &mut Criterion) {
+    let (policy, alice) = decision_policy();
+    let ask = decision_ask(&alice);
+    let now = decision_now();
     let mut counters = Counters::default();
     assert_eq!(policy.matching(&alice, Some("gpt-4o")).len(), 10);
     c.bench_function("decision_admit_release_10_budgets_of_100", |b| {
@@ -198,7 +207,7 @@ fn decision(c: &mut Criterion) {
 /// request headers (identity from the JWT payload in metadata), the buffered request body,
 /// response headers, the response body with its usage — decided, metered and settled.
 fn request_lifecycle(c: &mut Criterion) {
-    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
     use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
     use ep::processing_request::Request as In;
@@ -238,16 +247,7 @@ fn request_lifecycle(c: &mut Criterion) {
         config: ExtProcConfig::default(),
         ledger: Arc::clone(&ledger),
     });
-    let hdr = |pairs: &[(&str, &str)]| HeaderMap {
-        headers: pairs
-            .iter()
-            .map(|(k, v)| HeaderValue {
-                key: k.to_string(),
-                raw_value: v.as_bytes().to_vec(),
-                ..Default::default()
-            })
-            .collect(),
-    };
+    let hdr = tokenbudget::testkit::header_map;
     let s = |v: &str| Value {
         kind: Some(Kind::StringValue(v.into())),
     };
@@ -343,19 +343,8 @@ fn request_lifecycle(c: &mut Criterion) {
 /// the caller's matches cached. Criterion reports the mean; this prints the percentiles.
 fn decision_percentiles(c: &mut Criterion) {
     let (policy, alice) = decision_policy();
-    let ask = Ask {
-        principal: &alice,
-        model: Some("gpt-4o"),
-        estimate: TokenClasses {
-            input: 500,
-            output: 1000,
-            ..Default::default()
-        },
-        lease: LeaseStep::Acquire,
-    };
-    let now: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_default();
+    let ask = decision_ask(&alice);
+    let now = decision_now();
     let mut counters = Counters::default();
     let mut one = || {
         let t = std::time::Instant::now();

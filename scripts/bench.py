@@ -45,6 +45,20 @@ TRAFFIC = {
 }
 
 
+def demo_config(fake_port):
+    """envoy/demo.yaml in front of the fake model on `fake_port`. The fake model is one upstream
+    host: its circuit breakers let it take every connection the load opens."""
+    text = open(os.path.join(ROOT, "envoy/demo.yaml")).read()
+    text = text.replace("port_value: 8000 }", f"port_value: {fake_port} }}")
+    return text.replace("""  - name: upstream
+    type: STATIC
+    connect_timeout: 1s""", """  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds: [{ max_requests: 100000, max_pending_requests: 100000, max_connections: 100000 }]""")
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -179,16 +193,7 @@ level = "warn"
         self.tb = self.spawn("tb", [self.tb_bin, "serve"], env)
         wait_http(f"http://127.0.0.1:{self.admin}/readyz")
 
-        base = open(os.path.join(ROOT, "envoy/demo.yaml")).read()
-        base = base.replace("port_value: 8000 }", f"port_value: {self.fake_port} }}")
-        # The fake model is one upstream host: let it take every connection the load opens.
-        base = base.replace("""  - name: upstream
-    type: STATIC
-    connect_timeout: 1s""", """  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    circuit_breakers:
-      thresholds: [{ max_requests: 100000, max_pending_requests: 100000, max_connections: 100000 }]""")
+        base = demo_config(self.fake_port)
         a0 = base.index("          - name: envoy.filters.http.ext_proc\n")
         b0 = base.index("          - name: envoy.filters.http.router\n")
         self.envoys = {}
@@ -465,14 +470,7 @@ def strategies(b, args, out):
         p = b.spawn(f"noop-{pattern}", [noop, f"127.0.0.1:{port}", "--pattern", pattern])
         servers[pattern] = (port, p.pid)
     time.sleep(0.5)
-    base = open(os.path.join(ROOT, "envoy/demo.yaml")).read().replace("port_value: 8000 }", f"port_value: {b.fake_port} }}")
-    base = base.replace("""  - name: upstream
-    type: STATIC
-    connect_timeout: 1s""", """  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    circuit_breakers:
-      thresholds: [{ max_requests: 100000, max_pending_requests: 100000, max_connections: 100000 }]""")
+    base = demo_config(b.fake_port)
     runtime = """layered_runtime:
   layers:
   - name: static

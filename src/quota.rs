@@ -103,40 +103,34 @@ impl Quota {
         self.ledger.clock().now().timestamp_millis()
     }
 
+    /// When an answer given now may be forgotten.
+    fn forget_at(&self) -> i64 {
+        self.now_ms() + REMEMBER.as_millis() as i64
+    }
+
     /// Gives back the holds of reservations past their expiry and forgets old answers. Run
     /// periodically by [`sweep_every`].
     pub fn sweep(&self) {
         let now = self.now_ms();
-        let forget = now + REMEMBER.as_millis() as i64;
+        let forget = self.forget_at();
         let mut book = self.book();
-        let expired: Vec<String> = book
-            .held
-            .iter()
-            .filter(|(_, h)| h.expires_ms <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            if let Some(h) = book.held.remove(&id) {
-                self.ledger.release(&h.reservation);
-                tracing::info!(reservation_id = %id, principal = %h.principal.key(), "quota reservation expired");
-                book.lapsed.insert(
-                    id,
-                    Lapsed {
-                        principal: h.principal,
-                        model: h.model,
-                        forget_ms: forget,
-                    },
-                );
-            }
+        let expired: Vec<(String, Held)> =
+            book.held.extract_if(|_, h| h.expires_ms <= now).collect();
+        for (id, h) in expired {
+            self.ledger.release(&h.reservation);
+            tracing::info!(reservation_id = %id, principal = %h.principal.key(), "quota reservation expired");
+            book.lapsed.insert(
+                id,
+                Lapsed {
+                    principal: h.principal,
+                    model: h.model,
+                    forget_ms: forget,
+                },
+            );
         }
         book.lapsed.retain(|_, l| l.forget_ms > now);
         book.charged.retain(|_, (_, at)| *at > now);
         book.closed.retain(|_, (_, at)| *at > now);
-    }
-
-    /// The reservations currently held (for tests and metrics).
-    pub fn held(&self) -> usize {
-        self.book().held.len()
     }
 
     /// The calling token's name.
@@ -251,7 +245,7 @@ impl Quota {
         usage: &pb::Usage,
     ) -> (bool, u64) {
         // One debit per (calling token, request id): the store keeps the first of an event id.
-        let event_id = format!("quota:{caller}:{request_id}");
+        let event_id = event_id(caller, request_id);
         if let Some((cost, _)) = book.charged.get(&event_id) {
             if let Some(r) = &reservation {
                 self.ledger.release(r);
@@ -284,10 +278,15 @@ impl Quota {
             estimated: false,
             outcome: "complete",
         });
-        let forget = self.now_ms() + REMEMBER.as_millis() as i64;
-        book.charged.insert(event_id, (settled.cost.0, forget));
+        book.charged
+            .insert(event_id, (settled.cost.0, self.forget_at()));
         (true, settled.cost.0)
     }
+}
+
+/// The store's idempotency key of a QuotaService debit.
+fn event_id(caller: &str, request_id: &str) -> String {
+    format!("quota:{caller}:{request_id}")
 }
 
 fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
@@ -501,9 +500,8 @@ impl pb::quota_service_server::QuotaService for Service {
             model,
             &usage,
         );
-        let forget = q.now_ms() + REMEMBER.as_millis() as i64;
         book.closed
-            .insert(id, (format!("quota:{caller}:{request_id}"), forget));
+            .insert(id, (event_id(&caller, &request_id), q.forget_at()));
         Ok(Response::new(pb::CommitResponse {
             charged,
             reservation_found: found,
@@ -525,8 +523,7 @@ impl pb::quota_service_server::QuotaService for Service {
         let released = match book.held.remove(&id) {
             Some(h) => {
                 q.ledger.release(&h.reservation);
-                let forget = q.now_ms() + REMEMBER.as_millis() as i64;
-                book.closed.insert(id, (String::new(), forget));
+                book.closed.insert(id, (String::new(), q.forget_at()));
                 true
             }
             None => false,

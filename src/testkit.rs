@@ -149,6 +149,21 @@ pub mod fixtures {
     }
 }
 
+/// Envoy's header map of `pairs` (values as `raw_value`, as Envoy sends them).
+pub fn header_map(pairs: &[(&str, &str)]) -> envoy_types::pb::envoy::config::core::v3::HeaderMap {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    HeaderMap {
+        headers: pairs
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: (*k).to_string(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
 /// A ledger holding `rows` as its policy and ready to admit, without a store (benches and
 /// in-process tests of the request path).
 pub fn ready_ledger(

@@ -572,7 +572,6 @@ impl StreamState {
 mod tests {
     use std::sync::Arc;
 
-    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
     use ep::processing_response::Response as Out;
 
     use super::*;
@@ -634,16 +633,7 @@ mod tests {
 
     fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> ep::HttpHeaders {
         ep::HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: pairs
-                    .iter()
-                    .map(|(k, v)| HeaderValue {
-                        key: k.to_string(),
-                        raw_value: v.as_bytes().to_vec(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            }),
+            headers: Some(crate::testkit::header_map(pairs)),
             end_of_stream,
             ..Default::default()
         }
